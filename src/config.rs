@@ -1,0 +1,149 @@
+//! Settings from flags and environment variables, with their documented defaults.
+
+use crate::model::default_model::{self, DEFAULT_MODEL};
+use crate::model::LoadOptions;
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown device `{0}`: use `cpu`, `cuda` or `cuda:N`")]
+    UnknownDevice(String),
+    #[error("device `{0}` needs a build with CUDA support: cargo build --release --features cuda")]
+    NoCuda(String),
+    #[error("cannot open device `{device}`: {source}")]
+    Device {
+        device: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Which base model to load and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Base model: `smollm2-135m-instruct` (fetched on first use) or a path to a .gguf file or
+    /// a Hugging Face model directory.
+    #[arg(long = "model", env = "TUNESHOP_BASE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Data directory: database, fetched models, datasets and adapters.
+    #[arg(long, env = "TUNESHOP_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Compute device: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "TUNESHOP_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Dtype of Hugging Face weights (GGUF models compute in f32 over their quantized weights).
+    #[arg(long, value_enum, env = "TUNESHOP_DTYPE", default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// Expand quantized GGUF weights to f32 at load (faster prefill, 4-8x the memory).
+    #[arg(long, env = "TUNESHOP_DEQUANTIZE")]
+    pub dequantize: bool,
+}
+
+impl ModelArgs {
+    /// The model's path, fetching the default model into the data directory when needed.
+    pub fn resolve_path(&self) -> Result<PathBuf, default_model::FetchError> {
+        default_model::resolve(&self.model, &self.data_dir)
+    }
+
+    /// A short display name: the default model's name, else the file or directory name.
+    pub fn display_name(&self) -> String {
+        if self.model == DEFAULT_MODEL {
+            return DEFAULT_MODEL.to_string();
+        }
+        PathBuf::from(&self.model)
+            .file_stem()
+            .map_or_else(|| self.model.clone(), |s| s.to_string_lossy().into_owned())
+    }
+
+    pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
+        Ok(LoadOptions {
+            device: parse_device(&self.device)?,
+            dtype: self.dtype.into(),
+            dequantize: self.dequantize,
+        })
+    }
+}
+
+fn parse_device(spec: &str) -> Result<Device, ConfigError> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => n,
+            None => return Err(ConfigError::UnknownDevice(spec.to_string())),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(ConfigError::NoCuda(spec.to_string()));
+    }
+    Device::new_cuda(ordinal).map_err(|source| ConfigError::Device {
+        device: spec.to_string(),
+        source,
+    })
+}
+
+/// Settings of `tuneshop serve`.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "TUNESHOP_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Database: `sqlite://PATH` or `postgres://…` (default: SQLite file in the data directory).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Token for the tenant-admin endpoints.
+    #[arg(long, env = "TUNESHOP_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl Settings {
+    /// Settings for a server on `data_dir` with everything else at its default.
+    pub fn with_defaults(data_dir: PathBuf, model: String) -> Self {
+        Self {
+            model: ModelArgs {
+                model,
+                data_dir,
+                device: "cpu".into(),
+                dtype: DTypeArg::F32,
+                dequantize: false,
+            },
+            addr: "127.0.0.1:0".into(),
+            database_url: None,
+            admin_token: None,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.model.data_dir.join("tuneshop.db").display()
+            ),
+        }
+    }
+}

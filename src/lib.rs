@@ -1,0 +1,12 @@
+//! tuneshop: a self-hosted LoRA fine-tuning-as-a-service server for LLaMA-family models.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod infer;
+pub mod model;
+pub mod queue;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,178 @@
+//! Weights of a projection (dense or quantized) and the one linear type every projection uses.
+//!
+//! A [`Linear`] knows which projection it is ([`LinearId`]), so LoRA side matrices are attached
+//! from outside through a [`LoraHook`] without touching the rest of the model: the base weights
+//! stay frozen and shared, and one forward pass may apply different adapters to different rows.
+
+use super::quant::{QMatMul, QMatrix};
+use candle_core::{DType, Result, Tensor};
+use std::sync::Arc;
+
+/// A frozen `[out, in]` weight matrix.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Any float dtype on any device; cloning shares the storage.
+    Dense(Tensor),
+    /// Quantized blocks computed with f32 activations on the CPU.
+    Quantized(Arc<QMatrix>),
+}
+
+impl Weight {
+    pub fn out_dim(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.dims()[0],
+            Self::Quantized(q) => q.rows(),
+        }
+    }
+
+    pub fn in_dim(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.dims()[1],
+            Self::Quantized(q) => q.cols(),
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.bytes().len(),
+        }
+    }
+
+    /// `xs[.., in] · Wᵀ`, in the dtype of `xs`.
+    pub fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => xs.broadcast_matmul(&w.t()?),
+            Self::Quantized(q) => {
+                let dtype = xs.dtype();
+                let ys = xs
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&QMatMul(q.clone()))?;
+                ys.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// Rows `ids` of the matrix (an embedding lookup), as `[ids.len(), in]` in `dtype`.
+    pub fn rows(&self, ids: &[u32], dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => {
+                let idx = Tensor::new(ids, w.device())?;
+                w.index_select(&idx, 0)?.to_dtype(dtype)
+            }
+            Self::Quantized(q) => {
+                let cols = q.cols();
+                let mut out = vec![0f32; ids.len() * cols];
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+                    if id as usize >= q.rows() {
+                        candle_core::bail!(
+                            "token id {id} is outside the vocabulary of {}",
+                            q.rows()
+                        )
+                    }
+                    q.dequantize_rows(id as usize, o);
+                }
+                Tensor::from_vec(out, (ids.len(), cols), device)?.to_dtype(dtype)
+            }
+        }
+    }
+}
+
+/// The seven LLaMA projections, named as in Hugging Face checkpoints and PEFT `target_modules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.hf_name() == name)
+    }
+
+    /// The Hugging Face module that holds this projection (`self_attn` or `mlp`).
+    pub fn hf_parent(self) -> &'static str {
+        match self {
+            Self::Q | Self::K | Self::V | Self::O => "self_attn",
+            Self::Gate | Self::Up | Self::Down => "mlp",
+        }
+    }
+}
+
+/// Which projection of which layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinearId {
+    pub layer: usize,
+    pub proj: Proj,
+}
+
+/// Adds low-rank updates to projection outputs. Implemented by the LoRA trainer (one adapter on
+/// every row) and by inference (a different adapter per row of the batch).
+pub trait LoraHook {
+    /// Returns `ys` (the frozen projection's output for inputs `xs`) plus any update for `id`.
+    fn apply(&self, id: LinearId, xs: &Tensor, ys: Tensor) -> Result<Tensor>;
+}
+
+/// The base model alone.
+pub struct NoLora;
+
+impl LoraHook for NoLora {
+    fn apply(&self, _id: LinearId, _xs: &Tensor, ys: Tensor) -> Result<Tensor> {
+        Ok(ys)
+    }
+}
+
+/// A frozen projection of the model.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    id: LinearId,
+    weight: Weight,
+}
+
+impl Linear {
+    pub fn new(id: LinearId, weight: Weight) -> Self {
+        Self { id, weight }
+    }
+
+    pub fn id(&self) -> LinearId {
+        self.id
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    pub fn forward(&self, xs: &Tensor, lora: &dyn LoraHook) -> Result<Tensor> {
+        let ys = self.weight.matmul_t(xs)?;
+        lora.apply(self.id, xs, ys)
+    }
+}

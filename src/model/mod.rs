@@ -1,0 +1,57 @@
+//! The LLaMA runtime: configuration, weights (dense or quantized), forward pass, KV cache,
+//! loaders, tokenizer and chat template. Pure computation: no I/O beyond reading model files,
+//! no async, no HTTP.
+
+mod cache;
+mod chat_template;
+mod config;
+pub mod default_model;
+pub mod gguf;
+mod linear;
+mod llama;
+mod loader;
+pub mod quant;
+pub mod tiny;
+mod tokenizer;
+
+pub use cache::KvCache;
+pub use chat_template::{ChatTemplate, Message};
+pub use config::{Config, Llama3RopeScaling};
+pub use gguf::GgufError;
+pub use linear::{Linear, LinearId, LoraHook, NoLora, Proj, Weight};
+pub use llama::{last_logits, LayerWeights, Llama, SeqInput};
+pub use loader::{load, BaseModel, LoadOptions};
+pub use tokenizer::Tokenizer;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model not found at `{0}`: give a .gguf file or a Hugging Face model directory")]
+    NotFound(PathBuf),
+    #[error("`{0}` is neither a .gguf file nor a directory with config.json")]
+    UnrecognizedFormat(PathBuf),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{origin}: invalid model configuration: {detail}")]
+    Config { origin: String, detail: String },
+    #[error("{origin}: architecture `{architecture}` is not supported; tuneshop serves LLaMA-family models")]
+    UnsupportedArchitecture {
+        origin: String,
+        architecture: String,
+    },
+    #[error("{origin}: tokenizer: {detail}")]
+    Tokenizer { origin: String, detail: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{origin}: weights: {detail}")]
+    Weights { origin: String, detail: String },
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
