@@ -36,7 +36,7 @@ impl Weight {
     pub fn size_in_bytes(&self) -> usize {
         match self {
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Self::Quantized(q) => q.bytes().len(),
+            Self::Quantized(q) => q.size_in_bytes(),
         }
     }
 

@@ -240,7 +240,7 @@ fn gguf_weight(
     };
     let values = match (qtype, f32_values(info, &bytes)) {
         (Some(qtype), _) => {
-            let q = QMatrix::from_bytes(qtype, rows, cols, bytes)
+            let q = QMatrix::from_ggml_bytes(qtype, rows, cols, &bytes)
                 .map_err(|e| weights_err(&file.path, e))?;
             if !dequantize {
                 return Ok(Weight::Quantized(Arc::new(q)));

@@ -300,7 +300,7 @@ fn write_gguf(
                 QType::Q4_1 => GgmlType::Q4_1,
                 QType::Q8_0 => GgmlType::Q8_0,
             };
-            (ty, q.bytes().to_vec())
+            (ty, q.to_ggml_bytes())
         } else {
             (GgmlType::F32, f32_bytes(v))
         };

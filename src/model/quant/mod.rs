@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-pub use kernels::{dequantize_block, dot_rows_scalar};
+pub use kernels::{dequantize_block, dot_chunk_scalar};
 
 /// Up to this many activation rows use the dot kernels; more use dequantized tiles + GEMM.
 const MAX_DOT_ROWS: usize = 8;
@@ -28,22 +28,44 @@ pub enum QType {
 }
 
 impl QType {
-    pub fn block_bytes(self) -> usize {
+    /// Bytes of one block in a GGUF file.
+    pub fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
         }
     }
+
+    /// f32 scales per block in memory: `d`, and for Q4_1 also the minimum `m`.
+    pub fn scales_per_block(self) -> usize {
+        match self {
+            Self::Q4_1 => 2,
+            Self::Q4_0 | Self::Q8_0 => 1,
+        }
+    }
+
+    /// Packed quant bytes per block.
+    pub fn quant_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => 16,
+            Self::Q8_0 => 32,
+        }
+    }
 }
 
 /// A row-major `rows × cols` matrix of quantized blocks (32 weights per block).
+///
+/// In memory each block is split: its f16 scales are widened to f32 in `scales` and its packed
+/// quants go to `quants`, so the kernels broadcast a scale with one load instead of converting
+/// it for every block (a few bytes more per block than GGUF, same values).
 #[derive(Debug)]
 pub struct QMatrix {
     qtype: QType,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    scales: Vec<f32>,
+    quants: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +79,14 @@ pub struct QShapeError {
 }
 
 impl QMatrix {
-    pub fn from_bytes(
+    /// Takes GGUF block bytes (ggml layout).
+    pub fn from_ggml_bytes(
         qtype: QType,
         rows: usize,
         cols: usize,
-        data: Vec<u8>,
+        data: &[u8],
     ) -> Result<Self, QShapeError> {
-        let expected = rows * (cols / 32) * qtype.block_bytes();
+        let expected = rows * (cols / 32) * qtype.ggml_block_bytes();
         if cols % 32 != 0 || data.len() != expected {
             return Err(QShapeError {
                 qtype,
@@ -73,27 +96,52 @@ impl QMatrix {
                 got: data.len(),
             });
         }
+        let n_blocks = rows * cols / 32;
+        let mut scales = Vec::with_capacity(n_blocks * qtype.scales_per_block());
+        let mut quants = Vec::with_capacity(n_blocks * qtype.quant_bytes());
+        let n_scales = qtype.scales_per_block();
+        for block in data.chunks_exact(qtype.ggml_block_bytes()) {
+            for k in 0..n_scales {
+                scales.push(half::f16::from_le_bytes([block[2 * k], block[2 * k + 1]]).to_f32());
+            }
+            quants.extend_from_slice(&block[2 * n_scales..]);
+        }
         Ok(Self {
             qtype,
             rows,
             cols,
-            data,
+            scales,
+            quants,
         })
+    }
+
+    /// The GGUF block bytes (ggml layout) of this matrix.
+    pub fn to_ggml_bytes(&self) -> Vec<u8> {
+        let n_scales = self.qtype.scales_per_block();
+        let qb = self.qtype.quant_bytes();
+        let mut out =
+            Vec::with_capacity(self.scales.len() / n_scales * self.qtype.ggml_block_bytes());
+        for (s, q) in self
+            .scales
+            .chunks_exact(n_scales)
+            .zip(self.quants.chunks_exact(qb))
+        {
+            for &v in s {
+                out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+            out.extend_from_slice(q);
+        }
+        out
     }
 
     /// Quantizes a row-major f32 matrix the way ggml's reference quantizers do.
     pub fn quantize(qtype: QType, rows: usize, cols: usize, values: &[f32]) -> Self {
         assert!(cols % 32 == 0 && values.len() == rows * cols);
-        let mut data = Vec::with_capacity(rows * cols / 32 * qtype.block_bytes());
+        let mut data = Vec::with_capacity(rows * cols / 32 * qtype.ggml_block_bytes());
         for block in values.chunks_exact(32) {
             quantize_block(qtype, block, &mut data);
         }
-        Self {
-            qtype,
-            rows,
-            cols,
-            data,
-        }
+        Self::from_ggml_bytes(qtype, rows, cols, &data).expect("quantize produces whole blocks")
     }
 
     pub fn qtype(&self) -> QType {
@@ -108,31 +156,23 @@ impl QMatrix {
         self.cols
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        &self.data
+    /// Bytes held in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        self.scales.len() * 4 + self.quants.len()
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / 32 * self.qtype.block_bytes()
-    }
-
-    fn row(&self, r: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+    /// Scales and quants of rows `r0..r1`.
+    fn rows_data(&self, r0: usize, r1: usize) -> (&[f32], &[u8]) {
+        let nb = self.cols / 32;
+        let s = self.qtype.scales_per_block() * nb;
+        let q = self.qtype.quant_bytes() * nb;
+        (&self.scales[r0 * s..r1 * s], &self.quants[r0 * q..r1 * q])
     }
 
     /// Dequantizes rows `r0..r0 + out.len() / cols` into `out`.
     pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
-        let mut block = [0f32; 32];
-        let n_rows = out.len() / self.cols;
-        let bytes = &self.data[r0 * self.row_bytes()..(r0 + n_rows) * self.row_bytes()];
-        for (chunk, o) in bytes
-            .chunks_exact(self.qtype.block_bytes())
-            .zip(out.chunks_exact_mut(32))
-        {
-            dequantize_block(self.qtype, chunk, &mut block);
-            o.copy_from_slice(&block);
-        }
+        let (s, q) = self.rows_data(r0, r0 + out.len() / self.cols);
+        kernels::dequantize_blocks(self.qtype, s, q, out);
     }
 
     pub fn dequantize(&self) -> Vec<f32> {
@@ -155,22 +195,29 @@ impl QMatrix {
     }
 
     fn matmul_dot(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        // Each task owns a run of weight rows; results land transposed ([rows, m]) so the tasks'
-        // outputs are disjoint slices.
-        let chunk = (self.rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+        // Each work item is a run of weight rows; results land transposed ([rows, m]) so the
+        // items write disjoint ranges. Decode issues ~200 of these per token, each tens of
+        // microseconds long: candle's spinning barrier pool starts them far faster than waking
+        // sleeping rayon workers.
+        const CHUNK: usize = 16;
         let mut out_t = vec![0f32; self.rows * m];
-        out_t
-            .par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, o)| {
-                for (j, orow) in o.chunks_exact_mut(m).enumerate() {
-                    let row = self.row(c * chunk + j);
-                    for (p, opass) in orow.chunks_mut(kernels::ROWS_PER_PASS).enumerate() {
-                        let x0 = p * kernels::ROWS_PER_PASS * self.cols;
-                        kernels::dot_rows(self.qtype, row, &xs[x0..], self.cols, opass);
-                    }
-                }
-            });
+        let dst = SendPtr(out_t.as_mut_ptr());
+        let n_chunks = self.rows.div_ceil(CHUNK);
+        candle_core::utils::barrier_pool().execute_chunked(n_chunks, |chunks| {
+            let dst = &dst;
+            for c in chunks {
+                let r0 = c * CHUNK;
+                let r1 = (r0 + CHUNK).min(self.rows);
+                // SAFETY: chunk `c` owns rows r0..r1 of `out_t`, which no other chunk touches.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0 * m), (r1 - r0) * m) };
+                let (s, q) = self.rows_data(r0, r1);
+                kernels::dot_chunk(self.qtype, s, q, xs, m, self.cols, o);
+            }
+        });
+        if m == 1 {
+            out.copy_from_slice(&out_t);
+            return;
+        }
         for r in 0..self.rows {
             for i in 0..m {
                 out[i * self.rows + r] = out_t[r * m + i];
@@ -330,6 +377,9 @@ mod tests {
         ] {
             let q = QMatrix::quantize(qtype, 8, 64, &values);
             let back = q.dequantize();
+            // The split in-memory layout round-trips to the same GGUF bytes.
+            let again = QMatrix::from_ggml_bytes(qtype, 8, 64, &q.to_ggml_bytes()).unwrap();
+            assert_eq!(again.dequantize(), back);
             let err = values
                 .iter()
                 .zip(&back)
@@ -360,14 +410,19 @@ mod tests {
     #[test]
     fn simd_and_scalar_kernels_agree() {
         let cols = 128;
-        let w = QMatrix::quantize(QType::Q4_1, 1, cols, &random(cols, 9));
-        let xs = random(3 * cols, 10);
-        let mut fast = [0f32; 3];
-        let mut slow = [0f32; 3];
-        kernels::dot_rows(QType::Q4_1, w.row(0), &xs, cols, &mut fast);
-        dot_rows_scalar(QType::Q4_1, w.row(0), &xs, cols, &mut slow);
-        for (a, b) in fast.iter().zip(slow) {
-            assert!((a - b).abs() < 1e-4);
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let w = QMatrix::quantize(qtype, 3, cols, &random(3 * cols, 9));
+            let (s, q) = w.rows_data(0, 3);
+            for m in 1..=6 {
+                let xs = random(m * cols, 10);
+                let mut fast = vec![0f32; 3 * m];
+                let mut slow = vec![0f32; 3 * m];
+                kernels::dot_chunk(qtype, s, q, &xs, m, cols, &mut fast);
+                dot_chunk_scalar(qtype, s, q, &xs, m, cols, &mut slow);
+                for (a, b) in fast.iter().zip(slow) {
+                    assert!((a - b).abs() < 1e-4, "{qtype:?} m={m}: {a} vs {b}");
+                }
+            }
         }
     }
 }
