@@ -1,0 +1,9 @@
+//! Integration tests: one binary, one module per area. Unit tests live beside the code.
+
+mod cli;
+mod generation;
+mod helpers;
+mod model_tiny;
+mod real_model;
+mod server;
+mod tokenizer;
