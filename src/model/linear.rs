@@ -44,15 +44,33 @@ impl Weight {
     pub fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => xs.broadcast_matmul(&w.t()?),
-            Self::Quantized(q) => {
-                let dtype = xs.dtype();
-                let ys = xs
-                    .to_dtype(DType::F32)?
-                    .contiguous()?
-                    .apply_op1_no_bwd(&QMatMul(q.clone()))?;
-                ys.to_dtype(dtype)
-            }
+            Self::Quantized(q) => quantized_matmul_t(vec![q.clone()], xs),
         }
+    }
+
+    /// `xs · Wᵢᵀ` for several weights sharing the input; quantized weights run as one fused op.
+    pub fn matmul_t_group(ws: &[&Weight], xs: &Tensor) -> Result<Vec<Tensor>> {
+        let quantized: Option<Vec<Arc<QMatrix>>> = ws
+            .iter()
+            .map(|w| match w {
+                Self::Quantized(q) => Some(q.clone()),
+                Self::Dense(_) => None,
+            })
+            .collect();
+        let Some(qs) = quantized.filter(|qs| qs.len() > 1) else {
+            return ws.iter().map(|w| w.matmul_t(xs)).collect();
+        };
+        let widths: Vec<usize> = qs.iter().map(|q| q.rows()).collect();
+        let ys = quantized_matmul_t(qs, xs)?;
+        let mut start = 0;
+        widths
+            .into_iter()
+            .map(|n| {
+                let y = ys.narrow(candle_core::D::Minus1, start, n);
+                start += n;
+                y
+            })
+            .collect()
     }
 
     /// Rows `ids` of the matrix (an embedding lookup), as `[ids.len(), in]` in `dtype`.
@@ -78,6 +96,15 @@ impl Weight {
             }
         }
     }
+}
+
+fn quantized_matmul_t(qs: Vec<Arc<QMatrix>>, xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let ys = xs
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&QMatMul(qs))?;
+    ys.to_dtype(dtype)
 }
 
 /// The seven LLaMA projections, named as in Hugging Face checkpoints and PEFT `target_modules`.
@@ -174,5 +201,23 @@ impl Linear {
     pub fn forward(&self, xs: &Tensor, lora: &dyn LoraHook) -> Result<Tensor> {
         let ys = self.weight.matmul_t(xs)?;
         lora.apply(self.id, xs, ys)
+    }
+
+    /// [`Linear::forward`] of several projections that share their input, fused where the
+    /// weights allow; each output still gets its own LoRA update.
+    pub fn forward_group<const N: usize>(
+        ls: [&Linear; N],
+        xs: &Tensor,
+        lora: &dyn LoraHook,
+    ) -> Result<[Tensor; N]> {
+        let weights: Vec<&Weight> = ls.iter().map(|l| &l.weight).collect();
+        let ys = Weight::matmul_t_group(&weights, xs)?;
+        let out = ls
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| lora.apply(l.id, xs, y))
+            .collect::<Result<Vec<_>>>()?;
+        out.try_into()
+            .map_err(|_| candle_core::Error::Msg("projection group size".into()))
     }
 }

@@ -6,6 +6,7 @@
 //! LoRA hooks into. Rows of a batch are the new tokens of several sequences concatenated; the
 //! projections and MLPs run on all rows at once, attention runs per sequence.
 
+use super::attention::{attend, Heads};
 use super::cache::KvCache;
 use super::linear::{Linear, LinearId, LoraHook, Proj, Weight};
 use super::Config;
@@ -318,9 +319,8 @@ impl Llama {
         let attn = self.attention(layer, b, &h, ctx, seqs)?;
         let xs = (xs + attn)?;
         let h = candle_nn::ops::rms_norm(&xs, &b.ffn_norm, eps)?;
-        let gate = b.gate.forward(&h, lora)?.silu()?;
-        let up = b.up.forward(&h, lora)?;
-        let mlp = b.down.forward(&(gate * up)?, lora)?;
+        let [gate, up] = Linear::forward_group([&b.gate, &b.up], &h, lora)?;
+        let mlp = b.down.forward(&(gate.silu()? * up)?, lora)?;
         xs + mlp
     }
 
@@ -336,43 +336,33 @@ impl Llama {
         let c = &self.cfg;
         let (n, hd) = (h.dim(0)?, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let group = nh / nkv;
         let rope = |x: Tensor, heads: usize| -> Result<Tensor> {
             let x = x.reshape((1, n, heads, hd))?;
             candle_nn::rotary_emb::rope_thd(&x, &ctx.cos, &ctx.sin)?
                 .squeeze(0)?
                 .transpose(0, 1)
         };
+        let [q, k, v] = Linear::forward_group([&b.q, &b.k, &b.v], h, lora)?;
         // [heads, rows, head_dim]
-        let q = rope(b.q.forward(h, lora)?, nh)?;
-        let k = rope(b.k.forward(h, lora)?, nkv)?;
-        let v =
-            b.v.forward(h, lora)?
-                .reshape((n, nkv, hd))?
-                .transpose(0, 1)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let q = rope(q.contiguous()?, nh)?;
+        let k = rope(k.contiguous()?, nkv)?;
+        let v = v.contiguous()?.reshape((n, nkv, hd))?.transpose(0, 1)?;
         let mut outs = Vec::with_capacity(ctx.spans.len());
         for (span, seq) in ctx.spans.iter().zip(seqs.iter_mut()) {
             let l = span.len;
-            let qs = q.narrow(1, span.start, l)?.contiguous()?;
+            let qs = q.narrow(1, span.start, l)?;
             let ks = k.narrow(1, span.start, l)?;
             let vs = v.narrow(1, span.start, l)?;
             let (ks, vs) = match seq.cache.as_deref_mut() {
                 Some(cache) => cache.append(layer, &ks, &vs)?,
                 None => (ks.contiguous()?, vs.contiguous()?),
             };
-            let t = ks.dim(1)?;
-            // Heads sharing a key/value head are adjacent, so grouping them is a reshape.
-            let qg = qs.reshape((nkv, group * l, hd))?;
-            let mut att = (qg.matmul(&ks.t()?)? * scale)?;
-            if let Some(mask) = &span.mask {
-                att = att
-                    .reshape((nkv, group, l, t))?
-                    .broadcast_add(mask)?
-                    .reshape((nkv, group * l, t))?;
-            }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            outs.push(att.matmul(&vs)?.reshape((nh, l, hd))?);
+            let heads = Heads {
+                q: nh,
+                kv: nkv,
+                dim: hd,
+            };
+            outs.push(attend(&qs, &ks, &vs, span.mask.as_ref(), heads)?);
         }
         let out = if outs.len() == 1 {
             outs.remove(0)

@@ -2,6 +2,7 @@
 //! loaders, tokenizer and chat template. Pure computation: no I/O beyond reading model files,
 //! no async, no HTTP.
 
+mod attention;
 mod cache;
 mod chat_template;
 mod config;

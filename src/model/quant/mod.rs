@@ -185,86 +185,111 @@ impl QMatrix {
 
     /// `out[m, rows] = xs[m, cols] · selfᵀ`.
     pub fn matmul(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        assert_eq!(xs.len(), m * self.cols);
-        assert_eq!(out.len(), m * self.rows);
-        if m <= MAX_DOT_ROWS {
-            self.matmul_dot(xs, m, out)
-        } else {
-            self.matmul_tiled(xs, m, out)
+        matmul_group(&[self], xs, m, out)
+    }
+}
+
+/// `out[m, Σrows] = xs[m, cols] · [W₀; W₁; …]ᵀ`: several matrices that share their input (q, k
+/// and v; gate and up) in one pass, so decode pays one thread hand-off instead of several.
+pub fn matmul_group(ws: &[&QMatrix], xs: &[f32], m: usize, out: &mut [f32]) {
+    let cols = ws[0].cols;
+    assert!(
+        ws.iter().all(|w| w.cols == cols),
+        "grouped matrices must share their input"
+    );
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    assert_eq!(xs.len(), m * cols);
+    assert_eq!(out.len(), m * total);
+    // (matrix, first row, end row, column of the output)
+    let mut runs = Vec::new();
+    let mut col = 0;
+    let run = if m <= MAX_DOT_ROWS {
+        DOT_CHUNK
+    } else {
+        TILE_ROWS
+    };
+    for (i, w) in ws.iter().enumerate() {
+        for r0 in (0..w.rows).step_by(run) {
+            runs.push((i, r0, (r0 + run).min(w.rows), col + r0));
+        }
+        col += w.rows;
+    }
+    if m <= MAX_DOT_ROWS {
+        group_dot(ws, &runs, xs, m, total, out)
+    } else {
+        group_tiled(ws, &runs, xs, m, total, out)
+    }
+}
+
+/// Weight rows per work item of the dot path.
+const DOT_CHUNK: usize = 16;
+
+type Run = (usize, usize, usize, usize);
+
+fn group_dot(ws: &[&QMatrix], runs: &[Run], xs: &[f32], m: usize, total: usize, out: &mut [f32]) {
+    // Results land transposed ([total, m]) so work items write disjoint ranges. Decode issues
+    // ~120 of these per token, each tens of microseconds long: candle's spinning barrier pool
+    // starts them far faster than waking sleeping rayon workers.
+    let cols = ws[0].cols;
+    let mut out_t = vec![0f32; total * m];
+    let dst = SendPtr(out_t.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(runs.len(), |items| {
+        let dst = &dst;
+        for &(i, r0, r1, c0) in &runs[items] {
+            // SAFETY: this run owns rows c0..c0+(r1-r0) of `out_t`, which no other run touches.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(c0 * m), (r1 - r0) * m) };
+            let (s, q) = ws[i].rows_data(r0, r1);
+            kernels::dot_chunk(ws[i].qtype, s, q, xs, m, cols, o);
+        }
+    });
+    if m == 1 {
+        out.copy_from_slice(&out_t);
+        return;
+    }
+    for r in 0..total {
+        for i in 0..m {
+            out[i * total + r] = out_t[r * m + i];
         }
     }
+}
 
-    fn matmul_dot(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        // Each work item is a run of weight rows; results land transposed ([rows, m]) so the
-        // items write disjoint ranges. Decode issues ~200 of these per token, each tens of
-        // microseconds long: candle's spinning barrier pool starts them far faster than waking
-        // sleeping rayon workers.
-        const CHUNK: usize = 16;
-        let mut out_t = vec![0f32; self.rows * m];
-        let dst = SendPtr(out_t.as_mut_ptr());
-        let n_chunks = self.rows.div_ceil(CHUNK);
-        candle_core::utils::barrier_pool().execute_chunked(n_chunks, |chunks| {
+fn group_tiled(ws: &[&QMatrix], runs: &[Run], xs: &[f32], m: usize, total: usize, out: &mut [f32]) {
+    let cols = ws[0].cols;
+    let dst = SendPtr(out.as_mut_ptr());
+    runs.par_iter().for_each_init(
+        || vec![0f32; TILE_ROWS * cols],
+        |buf, &(i, r0, r1, c0)| {
+            let n = r1 - r0;
+            let tile = &mut buf[..n * cols];
+            ws[i].dequantize_rows(r0, tile);
             let dst = &dst;
-            for c in chunks {
-                let r0 = c * CHUNK;
-                let r1 = (r0 + CHUNK).min(self.rows);
-                // SAFETY: chunk `c` owns rows r0..r1 of `out_t`, which no other chunk touches.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0 * m), (r1 - r0) * m) };
-                let (s, q) = self.rows_data(r0, r1);
-                kernels::dot_chunk(self.qtype, s, q, xs, m, self.cols, o);
+            // SAFETY: this tile writes only columns c0..c0+n of `out` ([m, total]), disjoint
+            // from every other tile; `xs` and `tile` are valid for the strides given.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    cols,
+                    dst.0.add(c0),
+                    1,
+                    total as isize,
+                    false,
+                    xs.as_ptr(),
+                    1,
+                    cols as isize,
+                    tile.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
             }
-        });
-        if m == 1 {
-            out.copy_from_slice(&out_t);
-            return;
-        }
-        for r in 0..self.rows {
-            for i in 0..m {
-                out[i * self.rows + r] = out_t[r * m + i];
-            }
-        }
-    }
-
-    fn matmul_tiled(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        let cols = self.cols;
-        let rows = self.rows;
-        let dst = SendPtr(out.as_mut_ptr());
-        (0..rows.div_ceil(TILE_ROWS)).into_par_iter().for_each_init(
-            || vec![0f32; TILE_ROWS * cols],
-            |buf, t| {
-                let r0 = t * TILE_ROWS;
-                let n = TILE_ROWS.min(rows - r0);
-                let tile = &mut buf[..n * cols];
-                self.dequantize_rows(r0, tile);
-                let dst = &dst;
-                // SAFETY: tile `t` writes only columns r0..r0+n of `out` ([m, rows]), disjoint
-                // from every other tile; `xs` and `tile` are valid for the strides given.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        cols,
-                        dst.0.add(r0),
-                        1,
-                        rows as isize,
-                        false,
-                        xs.as_ptr(),
-                        1,
-                        cols as isize,
-                        tile.as_ptr(),
-                        cols as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            },
-        );
-    }
+        },
+    );
 }
 
 struct SendPtr(*mut f32);
@@ -306,8 +331,9 @@ fn quantize_block(qtype: QType, x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// candle op: `xs[.., cols] · Wᵀ` with the weights of a [`QMatrix`].
-pub struct QMatMul(pub Arc<QMatrix>);
+/// candle op: `xs[.., cols] · [W₀; W₁; …]ᵀ` with the weights of one or more [`QMatrix`]es that
+/// share their input; the outputs are concatenated along the last dimension.
+pub struct QMatMul(pub Vec<Arc<QMatrix>>);
 
 impl CustomOp1 for QMatMul {
     fn name(&self) -> &'static str {
@@ -319,26 +345,30 @@ impl CustomOp1 for QMatMul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.0;
         let CpuStorage::F32(xs) = storage else {
             candle_core::bail!("quantized matmul needs f32 activations")
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("quantized matmul needs contiguous activations")
         };
+        let ws: Vec<&QMatrix> = self.0.iter().map(|w| w.as_ref()).collect();
+        let Some(first) = ws.first() else {
+            candle_core::bail!("quantized matmul needs at least one matrix")
+        };
         let mut dims = layout.shape().dims().to_vec();
         let k = dims.last().copied().unwrap_or(0);
-        if k != w.cols {
+        if ws.iter().any(|w| w.cols != k) {
             candle_core::bail!(
                 "quantized matmul: activations have {k} columns, weights {}",
-                w.cols
+                first.cols
             )
         }
+        let total: usize = ws.iter().map(|w| w.rows).sum();
         let m = (end - start) / k;
-        let mut out = vec![0f32; m * w.rows];
-        w.matmul(&xs[start..end], m, &mut out);
+        let mut out = vec![0f32; m * total];
+        matmul_group(&ws, &xs[start..end], m, &mut out);
         if let Some(last) = dims.last_mut() {
-            *last = w.rows;
+            *last = total;
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
@@ -403,6 +433,25 @@ mod tests {
                 for (a, b) in out.iter().zip(&want) {
                     assert!((a - b).abs() < 1e-4, "{qtype:?} m={m}: {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_matmul_equals_separate_matmuls() {
+        let cols = 64;
+        let a = QMatrix::quantize(QType::Q4_1, 48, cols, &random(48 * cols, 20));
+        let b = QMatrix::quantize(QType::Q4_1, 17, cols, &random(17 * cols, 21));
+        for m in [1, 3, 12] {
+            let xs = random(m * cols, 22);
+            let mut both = vec![0f32; m * 65];
+            matmul_group(&[&a, &b], &xs, m, &mut both);
+            let (mut oa, mut ob) = (vec![0f32; m * 48], vec![0f32; m * 17]);
+            a.matmul(&xs, m, &mut oa);
+            b.matmul(&xs, m, &mut ob);
+            for i in 0..m {
+                assert_eq!(&both[i * 65..i * 65 + 48], &oa[i * 48..(i + 1) * 48]);
+                assert_eq!(&both[i * 65 + 48..(i + 1) * 65], &ob[i * 17..(i + 1) * 17]);
             }
         }
     }
