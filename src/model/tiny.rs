@@ -257,6 +257,7 @@ fn write_gguf(
         .meta("llama.attention.head_count", u(HEADS))
         .meta("llama.attention.head_count_kv", u(KV_HEADS))
         .meta("llama.rope.freq_base", MetaValue::F32(10000.0))
+        .meta("llama.rope.dimension_count", u(HIDDEN / HEADS))
         .meta(
             "llama.attention.layer_norm_rms_epsilon",
             MetaValue::F32(1e-5),

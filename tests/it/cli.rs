@@ -105,3 +105,24 @@ fn generate_prints_a_completion() {
     );
     assert!(!out.stdout.is_empty());
 }
+
+#[test]
+fn fetching_the_default_model_without_pip_says_what_to_do() {
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tuneshop"))
+        .args(["generate", "--prompt", "hi", "--data-dir"])
+        .arg(data.path())
+        .env("PATH", data.path())
+        .env_remove("TUNESHOP_BASE_MODEL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("pip") && stderr.contains("--model"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Nothing half-downloaded is left where the model belongs.
+    assert!(!tuneshop::model::default_model::default_model_path(data.path()).exists());
+}

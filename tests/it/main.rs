@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area. Unit tests live beside the code.
 
+mod candle_reference;
 mod cli;
 mod generation;
 mod helpers;

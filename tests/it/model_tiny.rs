@@ -182,3 +182,27 @@ fn a_sequence_past_the_context_is_an_error_not_a_panic() {
     }];
     assert!(m.llama.forward_last(&mut seqs, &NoLora).is_err());
 }
+
+#[test]
+fn half_precision_hf_weights_track_f32() {
+    let f32_model = load(&tiny().hf_dir);
+    let ids = tokens(&f32_model, TEXT);
+    let want = full_logits(&f32_model, &ids);
+    for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+        let opts = tuneshop::model::LoadOptions {
+            dtype,
+            ..Default::default()
+        };
+        let m = tuneshop::model::load(&tiny().hf_dir, &opts).unwrap();
+        assert_eq!(m.llama.weight_bytes() * 2, f32_model.llama.weight_bytes());
+        let got = full_logits(&m, &ids);
+        let last = ids.len() - 1;
+        let diff = max_abs_diff(&got[last], &want[last]);
+        // bf16 keeps 8 bits of mantissa, f16 11: loose bounds, but far below the logits' spread.
+        assert!(diff < 0.25, "{dtype:?}: {diff}");
+        assert_eq!(
+            tuneshop::infer::sampling::argmax(&got[last]),
+            tuneshop::infer::sampling::argmax(&want[last])
+        );
+    }
+}

@@ -78,9 +78,10 @@ async fn health_readiness_and_json_errors() {
 #[tokio::test]
 async fn a_model_that_cannot_load_is_reported_and_stops_the_server() {
     let app = TestApp::spawn("/definitely/not/a/model.gguf".into()).await;
-    // Readiness says why; the server then shuts itself down with the reason.
-    let (status, body) = app.get("/readyz").await;
-    if status == 503 {
+    // While it is still up, readiness says why; then the server stops itself with the reason.
+    if let Ok(resp) = reqwest::get(format!("{}/readyz", app.base)).await {
+        assert_eq!(resp.status().as_u16(), 503);
+        let body: Value = resp.json().await.unwrap();
         assert_eq!(body["error"]["code"], "not_ready");
     }
     let err = tokio::time::timeout(Duration::from_secs(30), app.handle)
