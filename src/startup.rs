@@ -8,7 +8,8 @@ use crate::queue::device::DeviceHandle;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -93,7 +94,11 @@ impl Application {
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartupError> {
         let state = self.state.clone();
-        let app = api::router(self.state.clone()).layer(TraceLayer::new_for_http());
+        // Server errors are logged where they happen, with their cause; 503s while the model
+        // loads are expected and stay out of the error log.
+        let trace =
+            TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG));
+        let app = api::router(self.state.clone()).layer(trace);
         tracing::info!(port = self.port, database = state.db.backend(), "listening");
         let device = state.device.clone();
         let load_failed = async move {

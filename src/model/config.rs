@@ -51,19 +51,27 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(bad(format!("`{name}` must be positive")));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(bad(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head dimension {} must be even and positive",
                 self.head_dim
             )));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        // Written so that NaN fails too.
+        if self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+            || self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+        {
             return Err(bad(
                 "`rope_theta` and `rms_norm_eps` must be positive".into()
             ));
@@ -127,8 +135,7 @@ impl Config {
             .map_or(heads, |v| v as usize);
         let head_dim = match file.opt_u64(&key("attention.key_length"))? {
             Some(v) => v as usize,
-            None if heads > 0 => hidden / heads,
-            None => 0,
+            None => hidden.checked_div(heads).unwrap_or(0),
         };
         let vocab_size = match file.opt_u64(&key("vocab_size"))? {
             Some(v) => v as usize,
@@ -208,11 +215,9 @@ impl Config {
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
-            head_dim: raw.head_dim.unwrap_or(if heads > 0 {
-                raw.hidden_size / heads
-            } else {
-                0
-            }),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size.checked_div(heads).unwrap_or(0)),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rope_scaling,

@@ -135,10 +135,9 @@ fn device_worker(args: ModelArgs, rx: mpsc::Receiver<Command>, state: watch::Sen
             return;
         }
     };
-    while let Ok(cmd) = rx.recv() {
-        match cmd {
-            Command::Shutdown => break,
-        }
+    // The model stays loaded until the server says stop (or drops its handle).
+    match rx.recv() {
+        Ok(Command::Shutdown) | Err(_) => {}
     }
 }
 

@@ -87,7 +87,7 @@ impl QMatrix {
         data: &[u8],
     ) -> Result<Self, QShapeError> {
         let expected = rows * (cols / 32) * qtype.ggml_block_bytes();
-        if cols % 32 != 0 || data.len() != expected {
+        if !cols.is_multiple_of(32) || data.len() != expected {
             return Err(QShapeError {
                 qtype,
                 rows,
@@ -136,7 +136,7 @@ impl QMatrix {
 
     /// Quantizes a row-major f32 matrix the way ggml's reference quantizers do.
     pub fn quantize(qtype: QType, rows: usize, cols: usize, values: &[f32]) -> Self {
-        assert!(cols % 32 == 0 && values.len() == rows * cols);
+        assert!(cols.is_multiple_of(32) && values.len() == rows * cols);
         let mut data = Vec::with_capacity(rows * cols / 32 * qtype.ggml_block_bytes());
         for block in values.chunks_exact(32) {
             quantize_block(qtype, block, &mut data);
