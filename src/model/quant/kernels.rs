@@ -136,6 +136,58 @@ const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 
+/// The per-ISA entry point: `dot_chunk` walks the weight rows of a chunk and the activation rows
+/// in passes of up to `ROWS_PER_PASS`, calling that module's `rows::<M, Q>` kernel. Expanded in
+/// each SIMD module so every level is compiled with the module's target features.
+macro_rules! row_dispatch {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot_chunk(
+            qtype: QType,
+            s: &[f32],
+            q: &[u8],
+            xs: &[f32],
+            m: usize,
+            cols: usize,
+            out: &mut [f32],
+        ) {
+            match qtype {
+                QType::Q4_0 => chunk::<Q4_0>(s, q, xs, m, cols, out),
+                QType::Q4_1 => chunk::<Q4_1>(s, q, xs, m, cols, out),
+                QType::Q8_0 => chunk::<Q8_0>(s, q, xs, m, cols, out),
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn chunk<const Q: u8>(
+            s: &[f32],
+            q: &[u8],
+            xs: &[f32],
+            m: usize,
+            cols: usize,
+            out: &mut [f32],
+        ) {
+            let nb = cols / 32;
+            let sn = nb * if Q == Q4_1 { 2 } else { 1 };
+            let qn = nb * if Q == Q8_0 { 32 } else { 16 };
+            for (r, o) in out.chunks_exact_mut(m).enumerate() {
+                let (s, q) = (&s[r * sn..(r + 1) * sn], &q[r * qn..(r + 1) * qn]);
+                for (p, opass) in o.chunks_mut(ROWS_PER_PASS).enumerate() {
+                    let x = &xs[p * ROWS_PER_PASS * cols..];
+                    match opass.len() {
+                        0 => {}
+                        1 => rows::<1, Q>(s, q, x, cols, opass),
+                        2 => rows::<2, Q>(s, q, x, cols, opass),
+                        3 => rows::<3, Q>(s, q, x, cols, opass),
+                        _ => rows::<ROWS_PER_PASS, Q>(s, q, x, cols, opass),
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QType, Q4_0, Q4_1, Q8_0, ROWS_PER_PASS};
@@ -147,55 +199,7 @@ mod avx2 {
         *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_chunk(
-        qtype: QType,
-        s: &[f32],
-        q: &[u8],
-        xs: &[f32],
-        m: usize,
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        match qtype {
-            QType::Q4_0 => chunk::<Q4_0>(s, q, xs, m, cols, out),
-            QType::Q4_1 => chunk::<Q4_1>(s, q, xs, m, cols, out),
-            QType::Q8_0 => chunk::<Q8_0>(s, q, xs, m, cols, out),
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn chunk<const Q: u8>(
-        s: &[f32],
-        q: &[u8],
-        xs: &[f32],
-        m: usize,
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        let nb = cols / 32;
-        let sn = nb * if Q == Q4_1 { 2 } else { 1 };
-        let qn = nb * if Q == Q8_0 { 32 } else { 16 };
-        for (r, o) in out.chunks_exact_mut(m).enumerate() {
-            let (s, q) = (&s[r * sn..(r + 1) * sn], &q[r * qn..(r + 1) * qn]);
-            for (p, opass) in o.chunks_mut(ROWS_PER_PASS).enumerate() {
-                dot_rows::<Q>(s, q, &xs[p * ROWS_PER_PASS * cols..], cols, opass);
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn dot_rows<const Q: u8>(s: &[f32], q: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
-        match out.len() {
-            0 => {}
-            1 => rows::<1, Q>(s, q, xs, cols, out),
-            2 => rows::<2, Q>(s, q, xs, cols, out),
-            3 => rows::<3, Q>(s, q, xs, cols, out),
-            _ => rows::<ROWS_PER_PASS, Q>(s, q, xs, cols, out),
-        }
-    }
+    row_dispatch!("avx2,fma");
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -297,55 +301,7 @@ mod avx512 {
         *OK.get_or_init(|| is_x86_feature_detected!("avx512f"))
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_chunk(
-        qtype: QType,
-        s: &[f32],
-        q: &[u8],
-        xs: &[f32],
-        m: usize,
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        match qtype {
-            QType::Q4_0 => chunk::<Q4_0>(s, q, xs, m, cols, out),
-            QType::Q4_1 => chunk::<Q4_1>(s, q, xs, m, cols, out),
-            QType::Q8_0 => chunk::<Q8_0>(s, q, xs, m, cols, out),
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn chunk<const Q: u8>(
-        s: &[f32],
-        q: &[u8],
-        xs: &[f32],
-        m: usize,
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        let nb = cols / 32;
-        let sn = nb * if Q == Q4_1 { 2 } else { 1 };
-        let qn = nb * if Q == Q8_0 { 32 } else { 16 };
-        for (r, o) in out.chunks_exact_mut(m).enumerate() {
-            let (s, q) = (&s[r * sn..(r + 1) * sn], &q[r * qn..(r + 1) * qn]);
-            for (p, opass) in o.chunks_mut(ROWS_PER_PASS).enumerate() {
-                dot_rows::<Q>(s, q, &xs[p * ROWS_PER_PASS * cols..], cols, opass);
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn dot_rows<const Q: u8>(s: &[f32], q: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
-        match out.len() {
-            0 => {}
-            1 => rows::<1, Q>(s, q, xs, cols, out),
-            2 => rows::<2, Q>(s, q, xs, cols, out),
-            3 => rows::<3, Q>(s, q, xs, cols, out),
-            _ => rows::<ROWS_PER_PASS, Q>(s, q, xs, cols, out),
-        }
-    }
+    row_dispatch!("avx512f");
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dequantize_blocks(qtype: QType, s: &[f32], q: &[u8], out: &mut [f32]) {
