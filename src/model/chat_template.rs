@@ -23,6 +23,7 @@ impl Message {
 }
 
 pub struct ChatTemplate {
+    source: String,
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
@@ -49,13 +50,19 @@ impl ChatTemplate {
             // renders reproducible.
             "01 Jan 2025".to_string()
         });
-        env.add_template_owned(TEMPLATE_NAME, source)
+        env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(Self {
+            source,
             env,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's

@@ -32,6 +32,18 @@ impl Weight {
         }
     }
 
+    /// The matrix as a dense f32 tensor (quantized weights are expanded).
+    pub fn to_dense_f32(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.to_dtype(DType::F32),
+            Self::Quantized(q) => Tensor::from_vec(
+                q.dequantize(),
+                (q.rows(), q.cols()),
+                &candle_core::Device::Cpu,
+            ),
+        }
+    }
+
     /// Bytes held in memory.
     pub fn size_in_bytes(&self) -> usize {
         match self {
@@ -155,6 +167,14 @@ impl Proj {
     }
 }
 
+/// Inference runs the fastest ops; training runs ops whose gradients flow back to the inputs
+/// (and so to the LoRA matrices of earlier layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Infer,
+    Train,
+}
+
 /// Which projection of which layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LinearId {
@@ -198,9 +218,9 @@ impl Linear {
         &self.weight
     }
 
-    pub fn forward(&self, xs: &Tensor, lora: &dyn LoraHook) -> Result<Tensor> {
-        let ys = self.weight.matmul_t(xs)?;
-        lora.apply(self.id, xs, ys)
+    pub fn forward(&self, xs: &Tensor, lora: &dyn LoraHook, mode: Mode) -> Result<Tensor> {
+        let [y] = Self::forward_group([self], xs, lora, mode)?;
+        Ok(y)
     }
 
     /// [`Linear::forward`] of several projections that share their input, fused where the
@@ -209,9 +229,13 @@ impl Linear {
         ls: [&Linear; N],
         xs: &Tensor,
         lora: &dyn LoraHook,
+        mode: Mode,
     ) -> Result<[Tensor; N]> {
         let weights: Vec<&Weight> = ls.iter().map(|l| &l.weight).collect();
-        let ys = Weight::matmul_t_group(&weights, xs)?;
+        let ys = match mode {
+            Mode::Infer => Weight::matmul_t_group(&weights, xs)?,
+            Mode::Train => super::grad_ops::frozen_matmul_t(&weights, xs)?,
+        };
         let out = ls
             .iter()
             .zip(ys)

@@ -8,7 +8,8 @@
 
 use super::attention::{attend, Heads};
 use super::cache::KvCache;
-use super::linear::{Linear, LinearId, LoraHook, Proj, Weight};
+use super::grad_ops;
+use super::linear::{Linear, LinearId, LoraHook, Mode, Proj, Weight};
 use super::Config;
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
@@ -56,6 +57,7 @@ struct BatchCtx<'a> {
     cos: Tensor,
     sin: Tensor,
     lora: &'a dyn LoraHook,
+    mode: Mode,
 }
 
 /// How each sequence's rows sit in the batch.
@@ -167,6 +169,49 @@ impl Llama {
             .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
     }
 
+    /// Every weight as a dense f32 tensor in Hugging Face naming and layout, with the projection
+    /// it belongs to (export, merging, checks that the base stays frozen).
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Option<LinearId>, Tensor)>> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                None,
+                self.embed.to_dense_f32()?,
+            ),
+            (
+                "model.norm.weight".to_string(),
+                None,
+                self.norm.to_dtype(DType::F32)?,
+            ),
+        ];
+        if !self.cfg.tie_word_embeddings {
+            out.push((
+                "lm_head.weight".to_string(),
+                None,
+                self.head.to_dense_f32()?,
+            ));
+        }
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = |t: &str| format!("model.layers.{i}.{t}.weight");
+            out.push((
+                p("input_layernorm"),
+                None,
+                b.attn_norm.to_dtype(DType::F32)?,
+            ));
+            out.push((
+                p("post_attention_layernorm"),
+                None,
+                b.ffn_norm.to_dtype(DType::F32)?,
+            ));
+            for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+                let id = l.id();
+                let name = p(&format!("{}.{}", id.proj.hf_parent(), id.proj.hf_name()));
+                out.push((name, Some(id), l.weight().to_dense_f32()?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of weights held in memory (a tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         let head = if self.cfg.tie_word_embeddings {
@@ -207,6 +252,23 @@ impl Llama {
     /// Final hidden states `[total_tokens, hidden]` for the new tokens of every sequence.
     /// Sequences with a cache continue it and the cache grows by their tokens.
     pub fn forward_hidden(&self, seqs: &mut [SeqInput<'_>], lora: &dyn LoraHook) -> Result<Tensor> {
+        self.hidden(seqs, lora, Mode::Infer)
+    }
+
+    /// [`Llama::forward_hidden`] for training: sequences without caches, through ops whose
+    /// gradients reach every LoRA matrix (the base weights get none).
+    pub fn forward_hidden_train(&self, seqs: &[&[u32]], lora: &dyn LoraHook) -> Result<Tensor> {
+        let mut inputs: Vec<SeqInput> = seqs
+            .iter()
+            .map(|tokens| SeqInput {
+                tokens,
+                cache: None,
+            })
+            .collect();
+        self.hidden(&mut inputs, lora, Mode::Train)
+    }
+
+    fn hidden(&self, seqs: &mut [SeqInput<'_>], lora: &dyn LoraHook, mode: Mode) -> Result<Tensor> {
         let mut tokens = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
@@ -238,6 +300,7 @@ impl Llama {
             cos,
             sin,
             lora,
+            mode,
         };
         let mut xs = self.embed.rows(&tokens, self.dtype, &self.device)?;
         for (layer, block) in self.layers.iter().enumerate() {
@@ -248,12 +311,27 @@ impl Llama {
                 cache.advance(span.len);
             }
         }
-        candle_nn::ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps as f32)
+        self.norm(&xs, &self.norm, mode)
+    }
+
+    fn norm(&self, xs: &Tensor, weight: &Tensor, mode: Mode) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        match mode {
+            Mode::Infer => candle_nn::ops::rms_norm(xs, weight, eps),
+            Mode::Train => grad_ops::rms_norm(xs, weight, eps),
+        }
     }
 
     /// Logits `[rows, vocab]` (f32) for hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.head.matmul_t(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// [`Llama::logits`] with a gradient path back to `hidden` (training).
+    pub fn logits_train(&self, hidden: &Tensor) -> Result<Tensor> {
+        grad_ops::frozen_matmul_t(&[&self.head], hidden)?
+            .remove(0)
+            .to_dtype(DType::F32)
     }
 
     /// Logits of each sequence's last new token, `[sequences, vocab]`: prefill and decode steps.
@@ -313,14 +391,13 @@ impl Llama {
         ctx: &BatchCtx<'_>,
         seqs: &mut [SeqInput<'_>],
     ) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        let lora = ctx.lora;
-        let h = candle_nn::ops::rms_norm(xs, &b.attn_norm, eps)?;
+        let (lora, mode) = (ctx.lora, ctx.mode);
+        let h = self.norm(xs, &b.attn_norm, mode)?;
         let attn = self.attention(layer, b, &h, ctx, seqs)?;
         let xs = (xs + attn)?;
-        let h = candle_nn::ops::rms_norm(&xs, &b.ffn_norm, eps)?;
-        let [gate, up] = Linear::forward_group([&b.gate, &b.up], &h, lora)?;
-        let mlp = b.down.forward(&(gate.silu()? * up)?, lora)?;
+        let h = self.norm(&xs, &b.ffn_norm, mode)?;
+        let [gate, up] = Linear::forward_group([&b.gate, &b.up], &h, lora, mode)?;
+        let mlp = b.down.forward(&(gate.silu()? * up)?, lora, mode)?;
         xs + mlp
     }
 
@@ -337,12 +414,16 @@ impl Llama {
         let (n, hd) = (h.dim(0)?, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let rope = |x: Tensor, heads: usize| -> Result<Tensor> {
-            let x = x.reshape((1, n, heads, hd))?;
-            candle_nn::rotary_emb::rope_thd(&x, &ctx.cos, &ctx.sin)?
-                .squeeze(0)?
-                .transpose(0, 1)
+            let x = match ctx.mode {
+                Mode::Infer => {
+                    let x = x.reshape((1, n, heads, hd))?;
+                    candle_nn::rotary_emb::rope_thd(&x, &ctx.cos, &ctx.sin)?.squeeze(0)?
+                }
+                Mode::Train => grad_ops::rope(&x.reshape((n, heads, hd))?, &ctx.cos, &ctx.sin)?,
+            };
+            x.transpose(0, 1)
         };
-        let [q, k, v] = Linear::forward_group([&b.q, &b.k, &b.v], h, lora)?;
+        let [q, k, v] = Linear::forward_group([&b.q, &b.k, &b.v], h, lora, ctx.mode)?;
         // [heads, rows, head_dim]
         let q = rope(q.contiguous()?, nh)?;
         let k = rope(k.contiguous()?, nkv)?;
@@ -362,7 +443,11 @@ impl Llama {
                 kv: nkv,
                 dim: hd,
             };
-            outs.push(attend(&qs, &ks, &vs, span.mask.as_ref(), heads)?);
+            let out = match (ctx.mode, seq.cache.is_some()) {
+                (Mode::Train, false) => grad_ops::causal_attention(&qs, &ks, &vs, heads)?,
+                _ => attend(&qs, &ks, &vs, span.mask.as_ref(), heads)?,
+            };
+            outs.push(out);
         }
         let out = if outs.len() == 1 {
             outs.remove(0)
@@ -370,7 +455,7 @@ impl Llama {
             Tensor::cat(&outs, 1)?
         };
         let out = out.transpose(0, 1)?.reshape((n, nh * hd))?;
-        b.o.forward(&out, lora)
+        b.o.forward(&out, lora, ctx.mode)
     }
 }
 

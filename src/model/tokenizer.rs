@@ -68,7 +68,15 @@ impl Tokenizer {
                 _ => {}
             }
         }
-        Ok(Self::finish(inner, bos, eos_ids, false))
+        // Prepend BOS ourselves only when the config asks for it and tokenizer.json's
+        // post-processor does not already add it.
+        let add_bos = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+            && inner.get_post_processor().is_none();
+        Ok(Self::finish(inner, bos, eos_ids, add_bos))
     }
 
     /// Rebuilds the tokenizer from GGUF metadata (`tokenizer.ggml.model = "gpt2"`).
@@ -226,6 +234,11 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Whether encoding raw text prepends BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
     }
 
     pub fn bos_token(&self) -> Option<String> {

@@ -8,3 +8,4 @@ mod model_tiny;
 mod real_model;
 mod server;
 mod tokenizer;
+mod train_tiny;

@@ -187,6 +187,46 @@ impl QMatrix {
     pub fn matmul(&self, xs: &[f32], m: usize, out: &mut [f32]) {
         matmul_group(&[self], xs, m, out)
     }
+
+    /// The input gradient of a frozen matmul: `out[m, cols] += grad[:, c0..c0+rows] · self`,
+    /// where `grad` is `[m, stride]`. Tiles of the matrix are dequantized one at a time, so the
+    /// f32 weights never exist whole.
+    pub fn backward_into(&self, grad: &[f32], stride: usize, c0: usize, m: usize, out: &mut [f32]) {
+        const BACK_TILE: usize = 256;
+        assert!(grad.len() >= m * stride && c0 + self.rows <= stride);
+        assert_eq!(out.len(), m * self.cols);
+        let mut tile = vec![0f32; BACK_TILE.min(self.rows) * self.cols];
+        for r0 in (0..self.rows).step_by(BACK_TILE) {
+            let n = BACK_TILE.min(self.rows - r0);
+            let tile = &mut tile[..n * self.cols];
+            self.dequantize_rows(r0, tile);
+            // SAFETY: `grad` holds m rows of `stride` columns and columns c0+r0..c0+r0+n exist;
+            // `tile` is [n, cols] and `out` is [m, cols].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    self.cols,
+                    n,
+                    out.as_mut_ptr(),
+                    1,
+                    self.cols as isize,
+                    true,
+                    grad.as_ptr().add(c0 + r0),
+                    1,
+                    stride as isize,
+                    tile.as_ptr(),
+                    1,
+                    self.cols as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
+            }
+        }
+    }
 }
 
 /// `out[m, Σrows] = xs[m, cols] · [W₀; W₁; …]ᵀ`: several matrices that share their input (q, k
@@ -452,6 +492,26 @@ mod tests {
             for i in 0..m {
                 assert_eq!(&both[i * 65..i * 65 + 48], &oa[i * 48..(i + 1) * 48]);
                 assert_eq!(&both[i * 65 + 48..(i + 1) * 65], &ob[i * 17..(i + 1) * 17]);
+            }
+        }
+    }
+
+    #[test]
+    fn backward_is_the_transposed_product() {
+        let (rows, cols, m) = (300, 64, 5);
+        let w = QMatrix::quantize(QType::Q4_1, rows, cols, &random(rows * cols, 30));
+        let dense = w.dequantize();
+        let stride = rows + 7;
+        let grad = random(m * stride, 31);
+        let mut out = vec![0.5f32; m * cols];
+        w.backward_into(&grad, stride, 3, m, &mut out);
+        for i in 0..m {
+            for c in 0..cols {
+                let want = 0.5
+                    + (0..rows)
+                        .map(|r| grad[i * stride + 3 + r] as f64 * dense[r * cols + c] as f64)
+                        .sum::<f64>() as f32;
+                assert!((out[i * cols + c] - want).abs() < 1e-4);
             }
         }
     }

@@ -1,0 +1,636 @@
+//! Differentiable versions of the forward pass's fast operations, for training.
+//!
+//! candle's fused ops (`rms_norm`, `rope`, `softmax_last_dim`) and our quantized matmul have no
+//! backward: gradients would silently stop at them. These custom ops keep fast forwards and add
+//! the backward a LoRA trainer needs: the gradient with respect to the activations only (the
+//! base weights are frozen, so no weight gradient is ever computed), and attention that
+//! recomputes its probabilities in the backward pass instead of storing `L×L` maps per layer.
+//! Off the CPU (or for non-f32 activations) they fall back to composed candle ops, which are
+//! slower but differentiable.
+
+use super::attention::Heads;
+use super::linear::Weight;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
+};
+use std::sync::Arc;
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected f32")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: expected a contiguous tensor")
+    };
+    Ok(&v[a..b])
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (guard, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*guard else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    Ok(f(f32_slice(s, layout, "tensor")?))
+}
+
+fn threads() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// `xs · [W₀; W₁; …]ᵀ` for frozen weights, with an input-only gradient.
+struct FrozenLinear {
+    ws: Vec<Weight>,
+}
+
+impl FrozenLinear {
+    fn total_out(&self) -> usize {
+        self.ws.iter().map(Weight::out_dim).sum()
+    }
+
+    fn forward(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let k = self.ws[0].in_dim();
+        let total = self.total_out();
+        let quantized: Option<Vec<&super::quant::QMatrix>> = self
+            .ws
+            .iter()
+            .map(|w| match w {
+                Weight::Quantized(q) => Some(q.as_ref()),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        if let Some(qs) = quantized {
+            super::quant::matmul_group(&qs, xs, m, out);
+            return Ok(());
+        }
+        let mut c0 = 0;
+        for w in &self.ws {
+            let n = w.out_dim();
+            match w {
+                Weight::Dense(t) => with_data(t, |wd| {
+                    // SAFETY: out is [m, total] and columns c0..c0+n exist; wd is [n, k].
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            n,
+                            k,
+                            out.as_mut_ptr().add(c0),
+                            1,
+                            total as isize,
+                            false,
+                            xs.as_ptr(),
+                            1,
+                            k as isize,
+                            wd.as_ptr(),
+                            k as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            threads(),
+                        )
+                    }
+                })?,
+                Weight::Quantized(q) => {
+                    let mut part = vec![0f32; m * n];
+                    q.matmul(xs, m, &mut part);
+                    for i in 0..m {
+                        out[i * total + c0..i * total + c0 + n]
+                            .copy_from_slice(&part[i * n..(i + 1) * n]);
+                    }
+                }
+            }
+            c0 += n;
+        }
+        Ok(())
+    }
+
+    /// `out[m, k] = grad[m, total] · [W₀; W₁; …]`.
+    fn backward(&self, grad: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let k = self.ws[0].in_dim();
+        let total = self.total_out();
+        let mut c0 = 0;
+        for w in &self.ws {
+            let n = w.out_dim();
+            match w {
+                Weight::Quantized(q) => q.backward_into(grad, total, c0, m, out),
+                Weight::Dense(t) => with_data(t, |wd| {
+                    // SAFETY: grad is [m, total], wd is [n, k], out is [m, k].
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            k,
+                            n,
+                            out.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            true,
+                            grad.as_ptr().add(c0),
+                            1,
+                            total as isize,
+                            wd.as_ptr(),
+                            1,
+                            k as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            threads(),
+                        )
+                    }
+                })?,
+            }
+            c0 += n;
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "tuneshop-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_slice(s, l, "frozen linear input")?;
+        let mut dims = l.shape().dims().to_vec();
+        let k = self.ws[0].in_dim();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("frozen linear: input {dims:?} does not end in {k}")
+        }
+        let m = xs.len() / k;
+        let total = self.total_out();
+        let mut out = vec![0f32; m * total];
+        self.forward(xs, m, &mut out)?;
+        if let Some(last) = dims.last_mut() {
+            *last = total;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let k = self.ws[0].in_dim();
+        let m = arg.elem_count() / k;
+        let mut out = vec![0f32; m * k];
+        with_data(grad, |g| self.backward(g, m, &mut out))??;
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
+/// `xs · Wᵢᵀ` for each frozen weight, differentiable with respect to `xs` only.
+pub fn frozen_matmul_t(ws: &[&Weight], xs: &Tensor) -> Result<Vec<Tensor>> {
+    let cpu_weights = ws.iter().all(|w| match w {
+        Weight::Quantized(_) => true,
+        Weight::Dense(t) => cpu_f32(t),
+    });
+    if !(cpu_f32(xs) && cpu_weights) {
+        // Composed fallback: correct, but candle also computes (and drops) weight gradients.
+        return ws
+            .iter()
+            .map(|w| match w {
+                Weight::Dense(t) => xs.broadcast_matmul(&t.t()?),
+                Weight::Quantized(_) => {
+                    candle_core::bail!("quantized weights need CPU f32 activations")
+                }
+            })
+            .collect();
+    }
+    let op = FrozenLinear {
+        ws: ws.iter().map(|w| (*w).clone()).collect(),
+    };
+    let ys = xs.contiguous()?.apply_op1(op)?;
+    if ws.len() == 1 {
+        return Ok(vec![ys]);
+    }
+    let mut start = 0;
+    ws.iter()
+        .map(|w| {
+            let y = ys.narrow(D::Minus1, start, w.out_dim());
+            start += w.out_dim();
+            y
+        })
+        .collect()
+}
+
+/// RMS norm over the last dimension with a frozen scale.
+struct RmsNorm {
+    weight: Arc<Vec<f32>>,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn rstd(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "tuneshop-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_slice(s, l, "rms norm input")?;
+        let d = self.weight.len();
+        let mut out = vec![0f32; xs.len()];
+        for (x, o) in xs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let r = self.rstd(x);
+            for ((o, x), w) in o.iter_mut().zip(x).zip(self.weight.iter()) {
+                *o = x * r * w;
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = self.weight.len();
+        let xs = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        with_data(grad, |g| {
+            for ((x, g), dx) in xs
+                .chunks_exact(d)
+                .zip(g.chunks_exact(d))
+                .zip(dx.chunks_exact_mut(d))
+            {
+                let r = self.rstd(x);
+                // dx = r · (w⊙g − x̂ · mean(x̂ ⊙ w⊙g)), x̂ = x·r
+                let mean: f32 = x
+                    .iter()
+                    .zip(g)
+                    .zip(self.weight.iter())
+                    .map(|((x, g), w)| x * r * w * g)
+                    .sum::<f32>()
+                    / d as f32;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(self.weight.iter()) {
+                    *dx = r * (w * g - x * r * mean);
+                }
+            }
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    if cpu_f32(xs) && cpu_f32(weight) {
+        let op = RmsNorm {
+            weight: Arc::new(weight.to_vec1()?),
+            eps,
+        };
+        return xs.contiguous()?.apply_op1(op);
+    }
+    let dtype = xs.dtype();
+    let x = xs.to_dtype(DType::F32)?;
+    let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+        .sqrt()?
+        .recip()?;
+    x.broadcast_mul(&rstd)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
+}
+
+/// Non-interleaved RoPE on `[rows, heads, dim]` with per-row angles; its backward is the same
+/// rotation by the opposite angle.
+struct Rope {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    inverse: bool,
+}
+
+impl Rope {
+    fn apply(&self, xs: &[f32], rows: usize, heads: usize, dim: usize) -> Vec<f32> {
+        let half = dim / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; xs.len()];
+        for r in 0..rows {
+            let (c, s) = (
+                &self.cos[r * half..(r + 1) * half],
+                &self.sin[r * half..(r + 1) * half],
+            );
+            for h in 0..heads {
+                let base = (r * heads + h) * dim;
+                let (x1, x2) = xs[base..base + dim].split_at(half);
+                let (o1, o2) = out[base..base + dim].split_at_mut(half);
+                for i in 0..half {
+                    let sn = sign * s[i];
+                    o1[i] = x1[i] * c[i] - x2[i] * sn;
+                    o2[i] = x2[i] * c[i] + x1[i] * sn;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "tuneshop-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_slice(s, l, "rope input")?;
+        let (rows, heads, dim) = l.shape().dims3()?;
+        Ok((
+            CpuStorage::F32(self.apply(xs, rows, heads, dim)),
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, heads, dim) = arg.dims3()?;
+        let back = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        let dx = with_data(grad, |g| back.apply(g, rows, heads, dim))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// RoPE of `xs` (`[rows, heads, dim]`) with `cos`/`sin` of shape `[rows, dim / 2]`.
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cpu_f32(xs) {
+        let op = Rope {
+            cos: Arc::new(cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            sin: Arc::new(sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            inverse: false,
+        };
+        return xs.contiguous()?.apply_op1(op);
+    }
+    let half = xs.dim(D::Minus1)? / 2;
+    let (x1, x2) = (
+        xs.narrow(D::Minus1, 0, half)?,
+        xs.narrow(D::Minus1, half, half)?,
+    );
+    let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+    let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+    Tensor::cat(&[o1, o2], D::Minus1)
+}
+
+/// Causal self-attention of one sequence (`q`: `[q_heads, L, dim]`, `k`/`v`: `[kv_heads, L, dim]`)
+/// whose backward recomputes the attention probabilities instead of keeping them.
+struct CausalAttention {
+    heads: Heads,
+}
+
+impl CausalAttention {
+    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let h = self.heads;
+        let l = q.dim(1)?;
+        let qg = q.reshape((h.kv, (h.q / h.kv) * l, h.dim))?;
+        let scores = (qg.matmul(&k.t()?)? * (1.0 / (h.dim as f64).sqrt()))?;
+        let mask: Vec<f32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (l, l), q.device())?;
+        let scores = scores
+            .reshape((h.kv, h.q / h.kv, l, l))?
+            .broadcast_add(&mask)?
+            .reshape((h.kv, (h.q / h.kv) * l, l))?;
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
+}
+
+fn tensor_of(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
+    Tensor::from_slice(f32_slice(s, l, what)?, l.shape(), &Device::Cpu)
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "tuneshop-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            tensor_of(s1, l1, "q")?,
+            tensor_of(s2, l2, "k")?,
+            tensor_of(s3, l3, "v")?,
+        );
+        let out = self.probs(&q, &k)?.matmul(&v)?;
+        let shape = l1.shape().clone();
+        let data = out.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(data), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = self.heads;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let l = q.dim(1)?;
+        let g = h.q / h.kv;
+        let p = self.probs(&q, &k)?; // [kv, g·L, L]
+        let d_o = grad.detach().contiguous()?.reshape((h.kv, g * l, h.dim))?;
+        let d_v = p.t()?.matmul(&d_o)?; // [kv, L, dim]
+        let d_p = d_o.matmul(&v.t()?)?; // [kv, g·L, L]
+                                        // softmax backward: dS = P ⊙ (dP − Σ_j dP⊙P)
+        let row = (&d_p * &p)?.sum_keepdim(D::Minus1)?;
+        let d_s = (p * d_p.broadcast_sub(&row)?)?;
+        let scale = 1.0 / (h.dim as f64).sqrt();
+        let d_q = (d_s.matmul(&k)? * scale)?.reshape((h.q, l, h.dim))?;
+        let qg = q.reshape((h.kv, g * l, h.dim))?;
+        let d_k = (d_s.t()?.matmul(&qg)? * scale)?;
+        Ok((Some(d_q), Some(d_k), Some(d_v)))
+    }
+}
+
+/// Causal attention for training (no KV cache): `[q_heads, L, dim]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: Heads) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if cpu_f32(&q) {
+        return q.apply_op3(&k, &v, CausalAttention { heads });
+    }
+    let l = q.dim(1)?;
+    let g = heads.q / heads.kv;
+    let qg = q.reshape((heads.kv, g * l, heads.dim))?;
+    let scores = (qg.matmul(&k.t()?)? * (1.0 / (heads.dim as f64).sqrt()))?;
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (l, l), q.device())?.to_dtype(q.dtype())?;
+    let scores = scores
+        .reshape((heads.kv, g, l, l))?
+        .broadcast_add(&mask)?
+        .reshape((heads.kv, g * l, l))?;
+    candle_nn::ops::softmax(&scores, D::Minus1)?
+        .matmul(&v)?
+        .reshape((heads.q, l, heads.dim))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::quant::{QMatrix, QType};
+    use candle_core::Var;
+
+    /// Checks the gradient of `sum(f(x) * probe)` with respect to `x` by central differences.
+    fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, tol: f32) {
+        let var = Var::from_tensor(
+            &x.to_dtype(DType::F64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        )
+        .unwrap();
+        let y = f(var.as_tensor()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, y.shape(), &Device::Cpu).unwrap();
+        let loss = (y * &probe).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .expect("a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let base = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-2f32;
+        for i in (0..base.len()).step_by((base.len() / 13).max(1)) {
+            let eval = |delta: f32| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+                (f(&t).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!(
+                (numeric - g[i]).abs() < tol * (1.0 + numeric.abs()),
+                "index {i}: numeric {numeric}, analytic {}",
+                g[i]
+            );
+        }
+    }
+
+    fn randn(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn frozen_linear_gradients() {
+        let w = Weight::Dense(randn(&[7, 6]));
+        let q = Weight::Quantized(Arc::new(QMatrix::quantize(
+            QType::Q8_0,
+            5,
+            32,
+            &randn(&[5 * 32]).to_vec1().unwrap(),
+        )));
+        check_grad(
+            &randn(&[3, 6]),
+            |x| frozen_matmul_t(&[&w, &w], x).and_then(|v| Tensor::cat(&v, 1)),
+            2e-2,
+        );
+        check_grad(
+            &randn(&[4, 32]),
+            |x| frozen_matmul_t(&[&q], x).map(|mut v| v.remove(0)),
+            2e-2,
+        );
+    }
+
+    #[test]
+    fn rms_norm_gradient_and_value() {
+        let w = (randn(&[8]) * 0.1).unwrap().affine(1.0, 1.0).unwrap();
+        let x = randn(&[3, 8]);
+        let fast = rms_norm(&x, &w, 1e-5).unwrap();
+        let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+        let diff = (fast - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5);
+        check_grad(&x, |x| rms_norm(x, &w, 1e-5), 2e-2);
+    }
+
+    #[test]
+    fn rope_gradient_and_value() {
+        let (rows, heads, dim) = (4, 2, 8);
+        let angles: Vec<f32> = (0..rows * dim / 2).map(|i| i as f32 * 0.37).collect();
+        let cos = Tensor::from_vec(
+            angles.iter().map(|a| a.cos()).collect::<Vec<_>>(),
+            (rows, dim / 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let sin = Tensor::from_vec(
+            angles.iter().map(|a| a.sin()).collect::<Vec<_>>(),
+            (rows, dim / 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = randn(&[rows, heads, dim]);
+        let fast = rope(&x, &cos, &sin).unwrap();
+        let want = candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0).unwrap(), &cos, &sin)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let diff = (fast - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5);
+        check_grad(&x, |x| rope(x, &cos, &sin), 2e-2);
+    }
+
+    #[test]
+    fn attention_gradients_and_value() {
+        let heads = Heads {
+            q: 4,
+            kv: 2,
+            dim: 8,
+        };
+        let (q, k, v) = (randn(&[4, 5, 8]), randn(&[2, 5, 8]), randn(&[2, 5, 8]));
+        let fused = causal_attention(&q, &k, &v, heads).unwrap();
+        let mask: Vec<f32> = (0..5)
+            .flat_map(|i| (0..5).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (5, 5), &Device::Cpu).unwrap();
+        let want = super::super::attention::attend(&q, &k, &v, Some(&mask), heads).unwrap();
+        let diff = (fused - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5);
+        check_grad(&q, |q| causal_attention(q, &k, &v, heads), 2e-2);
+        check_grad(&k, |k| causal_attention(&q, k, &v, heads), 2e-2);
+        check_grad(&v, |v| causal_attention(&q, &k, v, heads), 2e-2);
+    }
+}
