@@ -26,8 +26,21 @@ enum Command {
     Serve(Settings),
     /// Generate text from a prompt with the base model.
     Generate(cli::generate::GenerateArgs),
+    /// Fine-tune a LoRA adapter on a JSONL dataset.
+    Train(cli::train::TrainArgs),
+    /// Loss (and choice accuracy) of the base model or an adapter on a JSONL set.
+    Eval(cli::eval::EvalArgs),
+    /// Fold an adapter into a dense copy of the base model (Hugging Face format).
+    Merge(cli::merge::MergeArgs),
     /// Measure prompt-processing and decode tokens/s of the base model.
     Bench(cli::bench::BenchArgs),
+    /// Measure LoRA training tokens/s and peak memory on fixed token windows.
+    BenchTrain(cli::bench_train::BenchTrainArgs),
+    /// Write the tiny random test model (HF directory and GGUF files) into a directory.
+    TinyModel {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -39,7 +52,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(settings) => cli::serve(settings),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Train(args) => cli::train::run(args),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::Merge(args) => cli::merge::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::BenchTrain(args) => cli::bench_train::run(args),
+        Command::TinyModel { out } => tuneshop::model::tiny::write(&out, 42)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Openapi => cli::print_openapi(),
     };
     match result {

@@ -4,7 +4,7 @@ use clap::Args;
 use std::io::Write;
 use tuneshop::config::ModelArgs;
 use tuneshop::infer::{GenerateParams, SamplingParams};
-use tuneshop::model::{Message, NoLora};
+use tuneshop::model::{LoraHook, Message, NoLora};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -32,6 +32,9 @@ pub struct GenerateArgs {
     /// Stop when this text appears (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// Print prompt size and speed to stderr.
     #[arg(long)]
     verbose: bool,
@@ -65,8 +68,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         model.completion_prompt(&args.prompt)?
     };
+    let adapter = match &args.adapter {
+        Some(dir) => Some(tuneshop::lora::peft::load(
+            dir,
+            model.llama.config(),
+            model.llama.device(),
+        )?),
+        None => None,
+    };
+    let hook: Box<dyn LoraHook + '_> = match &adapter {
+        Some(a) => Box::new(a.hook()),
+        None => Box::new(NoLora),
+    };
     let mut stdout = std::io::stdout().lock();
-    let out = model.generate(&prompt, &params, &NoLora, &mut |piece| {
+    let out = model.generate(&prompt, &params, hook.as_ref(), &mut |piece| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
     })?;

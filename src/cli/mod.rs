@@ -1,7 +1,11 @@
 //! Subcommand implementations.
 
 pub mod bench;
+pub mod bench_train;
+pub mod eval;
 pub mod generate;
+pub mod merge;
+pub mod train;
 
 use tuneshop::config::Settings;
 use tuneshop::startup::Application;

@@ -29,6 +29,12 @@ pub enum TrainError {
     Cancelled { step: usize },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Lora(#[from] LoraError),
     #[error("tensor computation failed: {0}")]

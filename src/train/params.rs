@@ -172,7 +172,7 @@ mod tests {
     fn base() -> Config {
         Config::from_hf_json(
             r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,"intermediate_size":128,
-            "num_hidden_layers":2,"num_attention_heads":4,"max_position_embeddings":256}"#,
+            "num_hidden_layers":2,"num_attention_heads":4,"max_position_embeddings":2048}"#,
             "x",
         )
         .unwrap()
@@ -225,7 +225,7 @@ mod tests {
                     ..Default::default()
                 },
                 "max_seq_len",
-                "256",
+                "2048",
             ),
             (
                 TrainParams {

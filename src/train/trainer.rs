@@ -27,6 +27,8 @@ pub struct Progress {
     pub learning_rate: f64,
     pub tokens_per_second: f64,
     pub eta_seconds: f64,
+    /// Tokens trained on so far (all epochs, including before a resume).
+    pub tokens_trained: usize,
     /// Set on steps that ran an evaluation.
     pub valid: Option<EvalResult>,
 }
@@ -307,11 +309,17 @@ impl<'a> Trainer<'a> {
         let start = Instant::now();
         let start_step = self.step;
         let mut run_tokens = 0usize;
-        let mut valid = None;
+        let mut valid: Option<EvalResult> = None;
         let per_step = self.params.batch_size * self.params.gradient_accumulation_steps;
         let steps_per_epoch = self.train.len().div_ceil(per_step);
         while self.step < self.total_steps {
             if observer.should_stop() {
+                // Keep the work done so far: a stopped run resumes from here.
+                if self.step > start_step {
+                    if let Some(path) = self.write_checkpoint(valid.map(|v| v.loss))? {
+                        observer.on_checkpoint(self.step, &path);
+                    }
+                }
                 return Err(TrainError::Cancelled { step: self.step });
             }
             let lr = self.current_lr();
@@ -348,6 +356,7 @@ impl<'a> Trainer<'a> {
                 learning_rate: lr,
                 tokens_per_second: run_tokens as f64 / elapsed,
                 eta_seconds: elapsed / done as f64 * (self.total_steps - self.step) as f64,
+                tokens_trained: self.tokens_trained,
                 valid: step_valid,
             });
             let every = self.params.checkpoint_every;

@@ -2,9 +2,11 @@
 
 mod candle_reference;
 mod cli;
+mod cli_train;
 mod generation;
 mod helpers;
 mod model_tiny;
+mod peft_compat;
 mod real_model;
 mod server;
 mod tokenizer;
