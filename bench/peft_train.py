@@ -25,7 +25,8 @@ def windows_from_alpaca(tok, path, n, seq_len):
     for r in rows:
         user = r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
-        stream += tok.apply_chat_template(msgs, tokenize=True)
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        stream += tok(text, add_special_tokens=False)["input_ids"]
         if len(stream) >= n * seq_len:
             break
     assert len(stream) >= n * seq_len, "not enough text for the windows"

@@ -23,8 +23,9 @@ for split in ["train", "test"]:
             o.write(json.dumps({"messages": msgs}) + "\n")
 PY
 head -n "$TRAIN_ROWS" "$WORK/train.jsonl" > "$WORK/train_subset.jsonl"
-cargo build --release --quiet
-TS=./target/release/tuneshop
+# TUNESHOP_BIN: a tuneshop binary to measure instead of building this checkout.
+TS=${TUNESHOP_BIN:-./target/release/tuneshop}
+[ -n "${TUNESHOP_BIN:-}" ] || cargo build --release --quiet
 echo "== base model, first $TEST_ROWS test rows"
 /usr/bin/time -f "wall %es" $TS eval --data "$WORK/test.jsonl" --limit "$TEST_ROWS" --choices positive,negative
 echo "== LoRA r=8 alpha=16 on q,k,v,o,gate,up,down; lr 1e-3, batch 8, 1 epoch of $TRAIN_ROWS rows"

@@ -20,15 +20,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q torch transformers peft gguf
 fi
-cargo build --release --quiet
-[ -f "$MODEL" ] || ./target/release/tuneshop generate --prompt hi --max-tokens 1 >/dev/null
+# TUNESHOP_BIN: a tuneshop binary to measure instead of building this checkout.
+TS=${TUNESHOP_BIN:-./target/release/tuneshop}
+[ -n "${TUNESHOP_BIN:-}" ] || cargo build --release --quiet
+[ -f "$MODEL" ] || $TS generate --prompt hi --max-tokens 1 >/dev/null
 export OMP_NUM_THREADS=${THREADS:-$(nproc)} RAYON_NUM_THREADS=${THREADS:-$(nproc)}
 rm -f "$OUT/results.jsonl"
 for cfg in $CONFIGS; do
     r=${cfg%%:*}; targets=${cfg#*:}
     "$VENV/bin/python" bench/peft_train.py --gguf "$MODEL" --alpaca "$ALPACA" --windows-out "$OUT/windows.json" \
         --lora-r "$r" --target-modules "$targets" --steps "$STEPS" | tee -a "$OUT/results.jsonl"
-    ./target/release/tuneshop bench-train --model "$MODEL" --windows "$OUT/windows.json" \
+    $TS bench-train --model "$MODEL" --windows "$OUT/windows.json" \
         --lora-r "$r" --target-modules "$targets" --steps "$STEPS" | tee -a "$OUT/results.jsonl"
 done
 python3 - "$OUT/results.jsonl" <<'PY'

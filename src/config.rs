@@ -115,10 +115,35 @@ pub struct Settings {
     /// Database: `sqlite://PATH` or `postgres://…` (default: SQLite file in the data directory).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Token for the tenant-admin endpoints.
+    /// Token for the tenant-admin endpoints (`/tenants`); they are off without one.
     #[arg(long, env = "TUNESHOP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Artifact store directory (datasets, checkpoints, adapters); share it between processes
+    /// that share a database (default: `store` in the data directory).
+    #[arg(long, env = "TUNESHOP_STORE")]
+    pub store: Option<PathBuf>,
+    /// This process's name in job claims (default: host name, process id and a random tag).
+    #[arg(long, env = "TUNESHOP_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Largest dataset or adapter upload, in bytes.
+    #[arg(long, env = "TUNESHOP_MAX_UPLOAD_BYTES", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: u64,
+    /// Jobs a tenant may have waiting or running at once (more are refused with 429).
+    #[arg(long, env = "TUNESHOP_MAX_ACTIVE_JOBS", default_value_t = 100)]
+    pub max_active_jobs: u64,
+    /// Seconds a request may take before it is answered 408 (streams are not cut).
+    #[arg(long, env = "TUNESHOP_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// Milliseconds between heartbeats of a running job.
+    #[arg(long, env = "TUNESHOP_HEARTBEAT_MS", default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+    /// A running job whose heartbeat is older than this (milliseconds) is taken over by another
+    /// process (PostgreSQL); with SQLite every job left running is resumed at start.
+    #[arg(long, env = "TUNESHOP_STALE_AFTER_MS", default_value_t = 30_000)]
+    pub stale_after_ms: u64,
 }
+
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 100 * 1024 * 1024;
 
 impl Settings {
     /// Settings for a server on `data_dir` with everything else at its default.
@@ -134,6 +159,13 @@ impl Settings {
             addr: "127.0.0.1:0".into(),
             database_url: None,
             admin_token: None,
+            store: None,
+            worker_id: None,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            max_active_jobs: 100,
+            request_timeout_secs: 300,
+            heartbeat_ms: 2000,
+            stale_after_ms: 30_000,
         }
     }
 
@@ -145,5 +177,28 @@ impl Settings {
                 self.model.data_dir.join("tuneshop.db").display()
             ),
         }
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.store
+            .clone()
+            .unwrap_or_else(|| self.model.data_dir.join("store"))
+    }
+
+    /// Scratch space for running jobs and uploads in progress.
+    pub fn work_dir(&self) -> PathBuf {
+        self.model.data_dir.join("work")
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "host".into());
+            let tag = uuid::Uuid::new_v4().simple().to_string();
+            format!("{host}-{}-{}", std::process::id(), &tag[..6])
+        })
     }
 }

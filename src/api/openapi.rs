@@ -1,11 +1,21 @@
-//! The OpenAPI document, generated from the handlers, and the router built alongside it.
+//! The OpenAPI document, generated from the handlers, and the router built alongside it with
+//! the cross-cutting layers (metrics, request ids, timeouts, body limits, tracing).
 
-use super::{health, AppState};
+use super::{adapters, datasets, health, jobs, tenants, AppState};
 use crate::error::{ApiError, ErrorBody};
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use utoipa::OpenApi;
+use std::time::{Duration, Instant};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -13,18 +23,59 @@ use utoipa_axum::routes;
 #[openapi(
     info(
         title = "tuneshop",
-        description = "Self-hosted LoRA fine-tuning-as-a-service for LLaMA-family models.",
+        description = "Self-hosted LoRA fine-tuning-as-a-service for LLaMA-family models. \
+            Upload datasets, create jobs, and get PEFT adapters trained on one shared frozen base \
+            model. Errors are `{\"error\": {\"code\", \"message\", \"param\"}}`.",
         license(name = "Apache-2.0")
     ),
     components(schemas(ErrorBody)),
-    tags((name = "operations", description = "Health, readiness, metrics"))
+    modifiers(&Security),
+    tags(
+        (name = "datasets", description = "JSONL training data"),
+        (name = "jobs", description = "LoRA fine-tuning jobs: one queue, one device, in order"),
+        (name = "adapters", description = "The adapter registry (PEFT format)"),
+        (name = "tenants", description = "Administration (admin token)"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
 )]
 struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let bearer = |what: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(what.to_string()))
+                    .build(),
+            )
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("api_key", bearer("A tenant's API key (`ts-…`)"));
+        components.add_security_scheme("admin_token", bearer("The server's TUNESHOP_ADMIN_TOKEN"));
+    }
+}
 
 fn documented() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(datasets::create, datasets::list))
+        .routes(routes!(datasets::get, datasets::delete))
+        .routes(routes!(jobs::create, jobs::list))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::checkpoints))
+        .routes(routes!(adapters::import, adapters::list))
+        .routes(routes!(adapters::get, adapters::delete))
+        .routes(routes!(adapters::download))
+        .routes(routes!(tenants::create, tenants::list))
+        .routes(routes!(tenants::delete))
+        .routes(routes!(tenants::rotate_key))
 }
 
 /// The OpenAPI document (what `/openapi.json` serves and `openapi/openapi.json` holds).
@@ -34,10 +85,34 @@ pub fn openapi_spec() -> utoipa::openapi::OpenApi {
     spec
 }
 
-/// The full router: documented routes, `/openapi.json`, and a JSON 404 for everything else.
+/// Records every request's latency by route template and status.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    state.metrics.observe_http(
+        &method,
+        &route,
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// The full router: documented routes, `/openapi.json`, a JSON 404 for everything else, and
+/// the layers.
 pub fn router(state: AppState) -> Router {
     let (router, _) = documented().split_for_parts();
     let spec = openapi_spec();
+    let request_id = HeaderName::from_static("x-request-id");
+    // Uploads stream past axum's default body limit; they enforce their own.
+    let body_limit = state.settings.max_upload_bytes as usize + 1024 * 1024;
+    let timeout = Duration::from_secs(state.settings.request_timeout_secs.max(1));
     router
         .route("/openapi.json", get(move || async move { Json(spec) }))
         .fallback(|req: Request| async move {
@@ -46,5 +121,15 @@ pub fn router(state: AppState) -> Router {
                 path: req.uri().path().to_string(),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        // Server errors are logged where they happen, with their cause; 503s while the model
+        // loads are expected and stay out of the error log.
+        .layer(
+            TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tuneshop::config::ModelArgs;
 use tuneshop::lora::peft;
-use tuneshop::train::data::{parse_jsonl, tokenize};
+use tuneshop::train::data::examples_from_jsonl;
 use tuneshop::train::{checkpoint, LrSchedule, Progress, TrainObserver, TrainParams, Trainer};
 
 #[derive(Debug, Args)]
@@ -165,8 +165,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let read = |path: &PathBuf| -> anyhow::Result<_> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", path.display()))?;
-        let rows = parse_jsonl(&text).map_err(|e| anyhow::anyhow!("`{}`: {e}", path.display()))?;
-        let (examples, stats) = tokenize(&model, &rows, params.max_seq_len, &|i| i + 1)
+        let (examples, stats) = examples_from_jsonl(&model, &text, params.max_seq_len)
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", path.display()))?;
         eprintln!(
             "{}: {} rows, {} tokens ({} supervised), {} truncated to {} tokens",

@@ -144,7 +144,13 @@ pub fn parse_row(text: &str) -> Result<Row, String> {
 
 /// Parses a JSONL text; blank lines are skipped. Every row must have the same format.
 pub fn parse_jsonl(text: &str) -> Result<Vec<Row>, DataError> {
+    parse_jsonl_with_lines(text).map(|(rows, _)| rows)
+}
+
+/// [`parse_jsonl`], also returning each row's 1-based line number in the file.
+pub fn parse_jsonl_with_lines(text: &str) -> Result<(Vec<Row>, Vec<usize>), DataError> {
     let mut rows = Vec::new();
+    let mut lines = Vec::new();
     let mut errors = Vec::new();
     let mut format = None;
     for (i, line) in text.lines().enumerate() {
@@ -165,6 +171,7 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<Row>, DataError> {
                     });
                 } else {
                     rows.push(row);
+                    lines.push(i + 1);
                 }
             }
             Err(message) => errors.push(LineError {
@@ -182,7 +189,17 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<Row>, DataError> {
     if rows.is_empty() {
         return Err(DataError::Empty);
     }
-    Ok(rows)
+    Ok((rows, lines))
+}
+
+/// Parses and tokenizes a JSONL text for `model`, with errors naming file lines.
+pub fn examples_from_jsonl(
+    model: &BaseModel,
+    text: &str,
+    max_seq_len: usize,
+) -> Result<(Vec<Example>, DataStats), DataError> {
+    let (rows, lines) = parse_jsonl_with_lines(text)?;
+    tokenize(model, &rows, max_seq_len, &|i| lines[i])
 }
 
 /// A tokenized example: `tokens`, and for each position whether it is a supervised target.

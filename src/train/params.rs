@@ -157,6 +157,14 @@ impl TrainParams {
     }
 }
 
+impl TrainParams {
+    /// Optimizer steps of a run over `examples` training examples.
+    pub fn total_steps(&self, examples: usize) -> usize {
+        let per_step = self.batch_size * self.gradient_accumulation_steps;
+        self.n_epochs * examples.div_ceil(per_step.max(1))
+    }
+}
+
 /// "`x` must be …" → "must be …" (the field is named by [`ParamError`]).
 fn strip_field(msg: &str) -> String {
     match msg.strip_prefix('`').and_then(|m| m.split_once("` ")) {

@@ -117,8 +117,7 @@ impl<'a> Trainer<'a> {
                 ..Default::default()
             },
         )?;
-        let per_step = params.batch_size * params.gradient_accumulation_steps;
-        let total_steps = params.n_epochs * train.len().div_ceil(per_step);
+        let total_steps = params.total_steps(train.len());
         Ok(Self {
             model,
             params,

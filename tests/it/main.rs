@@ -1,5 +1,9 @@
 //! Integration tests: one binary, one module per area. Unit tests live beside the code.
 
+mod api;
+mod api_errors;
+mod api_jobs;
+mod api_process;
 mod candle_reference;
 mod cli;
 mod cli_train;
