@@ -76,6 +76,9 @@ pub struct Trainer<'a> {
     total_steps: usize,
     tokens_trained: usize,
     last_loss: f64,
+    /// The step of the newest checkpoint written (one is never rewritten: a reader may be
+    /// copying it).
+    checkpointed_at: Option<usize>,
 }
 
 /// Mixes numbers into one seed (SplitMix64 finalizer over a running hash).
@@ -131,6 +134,7 @@ impl<'a> Trainer<'a> {
             total_steps,
             tokens_trained: 0,
             last_loss: f64::NAN,
+            checkpointed_at: None,
         })
     }
 
@@ -174,6 +178,7 @@ impl<'a> Trainer<'a> {
         }
         self.opt.steps = ck.state.step;
         self.step = ck.state.step;
+        self.checkpointed_at = Some(ck.state.step);
         self.tokens_trained = ck.state.tokens_trained;
         self.last_loss = ck.state.train_loss;
         Ok(())
@@ -280,10 +285,13 @@ impl<'a> Trainer<'a> {
         )
     }
 
-    fn write_checkpoint(&self, valid_loss: Option<f64>) -> Result<Option<PathBuf>, TrainError> {
+    fn write_checkpoint(&mut self, valid_loss: Option<f64>) -> Result<Option<PathBuf>, TrainError> {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(None);
         };
+        if self.checkpointed_at == Some(self.step) {
+            return Ok(None);
+        }
         let adapter = self.lora.to_adapter(&self.base_name)?;
         let moments: Vec<(String, Tensor, Tensor)> = self
             .lora
@@ -300,7 +308,9 @@ impl<'a> Trainer<'a> {
             tokens_trained: self.tokens_trained,
             seed: self.params.seed,
         };
-        Ok(Some(checkpoint::save(dir, &adapter, &moments, &state)?))
+        let path = checkpoint::save(dir, &adapter, &moments, &state)?;
+        self.checkpointed_at = Some(self.step);
+        Ok(Some(path))
     }
 
     /// Trains until the last step (or until the observer says stop).
