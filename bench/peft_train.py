@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     a = ap.parse_args()
 
     d, f = os.path.split(os.path.abspath(a.gguf))
@@ -60,6 +61,11 @@ def main():
         targets = "all-linear"
     cfg = LoraConfig(r=a.lora_r, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
                      task_type="CAUSAL_LM", bias="none")
+    if a.gradient_checkpointing:
+        # Recompute activations in the backward pass (the frozen embeddings need inputs that
+        # require grad for the checkpointed segments to be differentiated).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, cfg)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -82,6 +88,7 @@ def main():
         "system": "peft",
         "lora_r": a.lora_r,
         "target_modules": a.target_modules,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "trainable_parameters": trainable,
         "batch_size": a.batch_size,
         "seq_len": a.seq_len,

@@ -45,6 +45,11 @@ enum Command {
     Openapi,
 }
 
+// Training allocates and frees large activation buffers every step; the system allocator hands
+// them back to the kernel and pays for fresh zeroed pages each time. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tuneshop::telemetry::init_threads(cli.threads);

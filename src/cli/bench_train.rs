@@ -23,6 +23,9 @@ pub struct BenchTrainArgs {
     lora_r: usize,
     #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
     target_modules: Vec<String>,
+    /// Recompute activations in the backward pass (less memory, more compute).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -78,6 +81,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         target_modules: args.target_modules.clone(),
         max_seq_len: examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1),
         lr_scheduler: LrSchedule::Constant,
+        gradient_checkpointing: args.gradient_checkpointing,
         checkpoint_every: 0,
         ..TrainParams::default()
     };
@@ -95,6 +99,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         "system": "tuneshop",
         "lora_r": args.lora_r,
         "target_modules": args.target_modules.join(","),
+        "gradient_checkpointing": args.gradient_checkpointing,
         "trainable_parameters": trainable,
         "batch_size": args.batch_size,
         "seq_len": examples[0].tokens.len(),

@@ -57,6 +57,9 @@ pub struct TrainArgs {
     checkpoint_every: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Recompute activations in the backward pass: much less memory, about a third slower.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Continue from the latest checkpoint in OUT/checkpoints.
     #[arg(long)]
     resume: bool,
@@ -94,6 +97,7 @@ impl TrainArgs {
                 SchedulerArg::Linear => LrSchedule::Linear,
                 SchedulerArg::Constant => LrSchedule::Constant,
             },
+            gradient_checkpointing: self.gradient_checkpointing,
             seed: self.seed,
         }
     }

@@ -13,6 +13,8 @@ use super::linear::{Linear, LinearId, LoraHook, Mode, Proj, Weight};
 use super::Config;
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
+mod recompute;
+
 /// One sequence's new tokens in a ragged batch.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
@@ -268,7 +270,13 @@ impl Llama {
         self.hidden(&mut inputs, lora, Mode::Train)
     }
 
-    fn hidden(&self, seqs: &mut [SeqInput<'_>], lora: &dyn LoraHook, mode: Mode) -> Result<Tensor> {
+    /// The tokens of every sequence, concatenated, and what every layer shares.
+    fn batch_ctx<'h>(
+        &self,
+        seqs: &[SeqInput<'_>],
+        lora: &'h dyn LoraHook,
+        mode: Mode,
+    ) -> Result<(Vec<u32>, BatchCtx<'h>)> {
         let mut tokens = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
@@ -302,6 +310,11 @@ impl Llama {
             lora,
             mode,
         };
+        Ok((tokens, ctx))
+    }
+
+    fn hidden(&self, seqs: &mut [SeqInput<'_>], lora: &dyn LoraHook, mode: Mode) -> Result<Tensor> {
+        let (tokens, ctx) = self.batch_ctx(seqs, lora, mode)?;
         let mut xs = self.embed.rows(&tokens, self.dtype, &self.device)?;
         for (layer, block) in self.layers.iter().enumerate() {
             xs = self.block_forward(layer, block, &xs, &ctx, seqs)?;

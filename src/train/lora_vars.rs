@@ -2,11 +2,11 @@
 //! gradients), their PEFT-style initialization, and the training hook with dropout.
 
 use crate::lora::{Adapter, LoraConfig, LoraPair};
+use super::lora_ops::{lora_down, lora_up_add};
 use crate::model::{Config, LinearId, LoraHook};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 /// A and B of every adapted projection, as variables.
@@ -93,17 +93,18 @@ impl LoraVars {
             vars: &self.vars,
             scale: self.config.scale(),
             dropout: 0.0,
-            rng: RefCell::new(StdRng::seed_from_u64(0)),
+            seed: 0,
         }
     }
 
-    /// The hook for one micro-batch; its dropout masks come from `seed`.
+    /// The hook for one micro-batch; its dropout masks derive from `seed` and the projection,
+    /// so a recomputed forward pass draws the same masks.
     pub fn hook(&self, seed: u64) -> TrainHook<'_> {
         TrainHook {
             vars: &self.vars,
             scale: self.config.scale(),
             dropout: self.config.dropout as f32,
-            rng: RefCell::new(StdRng::seed_from_u64(seed)),
+            seed,
         }
     }
 }
@@ -113,28 +114,7 @@ pub struct TrainHook<'a> {
     vars: &'a BTreeMap<LinearId, (Var, Var)>,
     scale: f64,
     dropout: f32,
-    rng: RefCell<StdRng>,
-}
-
-impl TrainHook<'_> {
-    fn dropout(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.dropout == 0.0 {
-            return Ok(xs.clone());
-        }
-        let keep = 1.0 - self.dropout;
-        let mut rng = self.rng.borrow_mut();
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| {
-                if rng.random::<f32>() < keep {
-                    1.0 / keep
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs * mask
-    }
+    seed: u64,
 }
 
 impl LoraHook for TrainHook<'_> {
@@ -142,10 +122,13 @@ impl LoraHook for TrainHook<'_> {
         let Some((a, b)) = self.vars.get(&id) else {
             return Ok(ys);
         };
+        let mask_seed = self
+            .seed
+            .wrapping_mul(0x100_0000_01b3)
+            .wrapping_add((id.layer as u64) << 8 | id.proj as u64);
         // The adapter trains in f32 whatever the base's dtype.
-        let x = self.dropout(&xs.to_dtype(DType::F32)?)?;
-        let delta = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+        let t = lora_down(&xs.to_dtype(DType::F32)?, a.as_tensor(), self.dropout, mask_seed)?;
         let dtype = ys.dtype();
-        ys + (delta * self.scale)?.to_dtype(dtype)?
+        lora_up_add(&ys.to_dtype(DType::F32)?, &t, b.as_tensor(), self.scale)?.to_dtype(dtype)
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod lora_ops;
 pub mod lora_vars;
 pub mod optim;
 mod params;

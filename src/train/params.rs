@@ -60,6 +60,9 @@ pub struct TrainParams {
     /// Clip the global gradient norm to this value.
     pub max_grad_norm: f64,
     pub lr_scheduler: LrSchedule,
+    /// Recompute each layer's activations in the backward pass instead of keeping them: much
+    /// less memory for about a third more compute.
+    pub gradient_checkpointing: bool,
     /// Seeds initialization, shuffling and dropout: the same seed and data give the same adapter.
     pub seed: u64,
 }
@@ -83,6 +86,7 @@ impl Default for TrainParams {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             lr_scheduler: LrSchedule::Cosine,
+            gradient_checkpointing: false,
             seed: 0,
         }
     }

@@ -241,8 +241,14 @@ impl<'a> Trainer<'a> {
                 self.step as u64,
                 micro as u64,
             ]));
-            let (nll, _) = supervised_nll(self.model, &batch, &hook, true)?;
-            let scaled = (nll / n_targets as f64)?;
+            let (scaled, g) = if self.params.gradient_checkpointing {
+                self.recomputed_micro_step(&batch, &hook, &named, n_targets)?
+            } else {
+                let (nll, _) = supervised_nll(self.model, &batch, &hook, true)?;
+                let scaled = (nll / n_targets as f64)?;
+                let grads = scaled.backward()?;
+                (scaled, gradients_of(&named, &grads)?)
+            };
             let value = scaled.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -251,8 +257,6 @@ impl<'a> Trainer<'a> {
                 });
             }
             loss += value;
-            let grads = scaled.backward()?;
-            let g = gradients_of(&named, &grads)?;
             summed = Some(match summed {
                 None => g,
                 Some(acc) => acc
@@ -273,6 +277,36 @@ impl<'a> Trainer<'a> {
         let lr = self.current_lr();
         self.opt.step(&grads, lr)?;
         Ok((loss, tokens))
+    }
+
+    /// One micro-batch's loss and gradients with each layer recomputed in the backward pass.
+    fn recomputed_micro_step(
+        &self,
+        batch: &[&Example],
+        hook: &dyn LoraHook,
+        named: &[(String, &candle_core::Var)],
+        n_targets: usize,
+    ) -> Result<(Tensor, Vec<Tensor>), TrainError> {
+        let seqs: Vec<&[u32]> = batch.iter().map(|e| e.tokens.as_slice()).collect();
+        let vars: Vec<&candle_core::Var> = named.iter().map(|(_, v)| *v).collect();
+        let (loss, grads) = self.model.llama.backward_recomputed(
+            &seqs,
+            hook,
+            &vars,
+            &mut |hidden| {
+                let (nll, _) = nll_of_hidden(self.model, batch, hidden, true)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                nll / n_targets as f64
+            },
+        )?;
+        let grads = grads
+            .into_iter()
+            .zip(named)
+            .map(|(g, (name, _))| {
+                g.ok_or_else(|| TrainError::Candle(candle_core::Error::Msg(format!("no gradient reached `{name}`"))))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((loss, grads))
     }
 
     fn current_lr(&self) -> f64 {
@@ -407,6 +441,17 @@ pub fn supervised_nll(
             .collect();
         llama.forward_hidden(&mut inputs, hook)?
     };
+    nll_of_hidden(model, batch, &hidden, train)
+}
+
+/// [`supervised_nll`] from the final hidden states `[rows, hidden]` of `batch`.
+fn nll_of_hidden(
+    model: &BaseModel,
+    batch: &[&Example],
+    hidden: &Tensor,
+    train: bool,
+) -> Result<(Tensor, usize), TrainError> {
+    let llama = &model.llama;
     // Only rows that predict a supervised token reach the LM head.
     let mut rows = Vec::new();
     let mut targets = Vec::new();

@@ -268,6 +268,38 @@ fn same_seed_and_data_give_the_same_adapter_bytes() {
     assert_eq!(bytes("a"), bytes("b"));
 }
 
+#[test]
+fn recomputing_layers_trains_the_same_adapter_with_dropout() {
+    let m = load(&tiny().gguf_quantized);
+    let data = examples(&m, CHAT, 128).unwrap();
+    let p = TrainParams {
+        lora_dropout: 0.1,
+        ..params(2)
+    };
+    let mut runs = Vec::new();
+    for gradient_checkpointing in [false, true] {
+        let p = TrainParams {
+            gradient_checkpointing,
+            ..p.clone()
+        };
+        let mut record = Record::default();
+        let out = trainer(&m, p, data.clone()).run(&mut record).unwrap();
+        runs.push((record.losses, out.adapter));
+    }
+    let (plain, recomputed) = (&runs[0], &runs[1]);
+    assert_eq!(plain.0.len(), recomputed.0.len());
+    for (a, b) in plain.0.iter().zip(&recomputed.0) {
+        assert!((a - b).abs() < 1e-4, "losses {:?} vs {:?}", plain.0, recomputed.0);
+    }
+    for (id, pair) in &plain.1.pairs {
+        let other = &recomputed.1.pairs[id];
+        for (x, y) in [(&pair.a, &other.a), (&pair.b, &other.b)] {
+            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "{id:?}: adapters differ by {d}");
+        }
+    }
+}
+
 fn safetensor_shapes(path: &Path) -> Vec<(String, Vec<usize>)> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let mut v: Vec<(String, Vec<usize>)> = tensors
