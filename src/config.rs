@@ -1,5 +1,8 @@
 //! Settings from flags and environment variables, with their documented defaults.
 
+use crate::infer::adapter_cache::DEFAULT_MAX_ADAPTERS;
+use crate::infer::engine::{DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK};
+use crate::infer::EngineConfig;
 use crate::model::default_model::{self, DEFAULT_MODEL};
 use crate::model::LoadOptions;
 use candle_core::{DType, Device};
@@ -141,6 +144,29 @@ pub struct Settings {
     /// process (PostgreSQL); with SQLite every job left running is resumed at start.
     #[arg(long, env = "TUNESHOP_STALE_AFTER_MS", default_value_t = 30_000)]
     pub stale_after_ms: u64,
+    /// Sequences decoded together in one batch.
+    #[arg(long, env = "TUNESHOP_MAX_BATCH_SIZE", default_value_t = DEFAULT_MAX_BATCH)]
+    pub max_batch_size: usize,
+    /// Inference requests in progress (running or waiting) before new ones get 429 `overloaded`.
+    #[arg(long, env = "TUNESHOP_MAX_PENDING_REQUESTS", default_value_t = 256)]
+    pub max_pending_requests: usize,
+    /// Prompt tokens prefilled per batch step, so long prompts never stall decoding for long.
+    #[arg(long, env = "TUNESHOP_PREFILL_CHUNK", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+    /// Memory for all sequences' KV caches, in MiB; sequences wait for room beyond it.
+    #[arg(long, env = "TUNESHOP_KV_CACHE_MB", default_value_t = 2048)]
+    pub kv_cache_mb: usize,
+    /// Share of device time inference gets while a training job runs, 0 to 1: after each piece
+    /// of training work, inference runs for share/(1-share) of its duration (at least one batch
+    /// step; 1 = until no request is left).
+    #[arg(long, env = "TUNESHOP_INFERENCE_SHARE", default_value_t = 0.5)]
+    pub inference_share: f64,
+    /// Adapters kept in memory for serving (least recently used out first).
+    #[arg(long, env = "TUNESHOP_MAX_ADAPTERS", default_value_t = DEFAULT_MAX_ADAPTERS)]
+    pub max_adapters: usize,
+    /// Memory for resident adapters, in MiB.
+    #[arg(long, env = "TUNESHOP_ADAPTER_CACHE_MB", default_value_t = 1024)]
+    pub adapter_cache_mb: usize,
 }
 
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 100 * 1024 * 1024;
@@ -166,6 +192,26 @@ impl Settings {
             request_timeout_secs: 300,
             heartbeat_ms: 2000,
             stale_after_ms: 30_000,
+            max_batch_size: DEFAULT_MAX_BATCH,
+            max_pending_requests: 256,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            kv_cache_mb: 2048,
+            inference_share: 0.5,
+            max_adapters: DEFAULT_MAX_ADAPTERS,
+            adapter_cache_mb: 1024,
+        }
+    }
+
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.kv_cache_mb.saturating_mul(1 << 20)
+    }
+
+    /// How the batcher runs.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            max_batch: self.max_batch_size.max(1),
+            prefill_chunk: self.prefill_chunk.max(1),
+            kv_cache_bytes: self.kv_cache_bytes(),
         }
     }
 

@@ -5,8 +5,9 @@
 use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::db::{self, Backend, Db, DbError};
+use crate::infer::AdapterCache;
 use crate::metrics::Metrics;
-use crate::queue::device::DeviceHandle;
+use crate::queue::device::{DeviceConfig, DeviceHandle};
 use crate::queue::runner::{runner_task, Worker};
 use crate::queue::validator::validator_task;
 use crate::queue::{JobQueue, StopReason};
@@ -93,8 +94,10 @@ async fn bootstrap_tenant(db: &Db, data_dir: &std::path::Path) -> Result<(), Sta
         return Ok(());
     };
     let path = data_dir.join(INITIAL_KEY_FILE);
-    write_secret(&path, &format!("{}\n", key.key))
-        .map_err(|source| StartupError::InitialKey { path: path.clone(), source })?;
+    write_secret(&path, &format!("{}\n", key.key)).map_err(|source| StartupError::InitialKey {
+        path: path.clone(),
+        source,
+    })?;
     eprintln!(
         "Created tenant `{}` ({}). Its API key, shown once (also in {}):\n\n    {}\n",
         tenant.name,
@@ -177,11 +180,24 @@ impl Application {
                 source,
             })?
             .port();
-        let device =
-            DeviceHandle::spawn(settings.model.clone()).map_err(StartupError::DeviceThread)?;
+        let metrics = Arc::new(Metrics::default());
+        let device = DeviceHandle::spawn(DeviceConfig {
+            model: settings.model.clone(),
+            engine: settings.engine(),
+            inference_share: settings.inference_share,
+            metrics: metrics.infer.clone(),
+        })
+        .map_err(StartupError::DeviceThread)?;
+        let adapters = Arc::new(AdapterCache::new(
+            settings.max_adapters,
+            settings.adapter_cache_mb.saturating_mul(1 << 20),
+            metrics.infer.clone(),
+        ));
+        let admission = Arc::new(tokio::sync::Semaphore::new(
+            settings.max_pending_requests.max(1),
+        ));
         let worker_id: Arc<str> = settings.worker_id().into();
         let queue = JobQueue::default();
-        let metrics = Arc::new(Metrics::default());
         let (shutdown_tx, shutdown) = watch::channel(false);
         let worker = Worker {
             db: db.clone(),
@@ -201,6 +217,8 @@ impl Application {
             queue,
             store,
             metrics,
+            adapters,
+            admission,
             settings: Arc::new(settings),
             worker_id,
             shutdown,

@@ -55,9 +55,9 @@ impl LocalStore {
     fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
         let ok = !key.is_empty()
             && !key.starts_with('/')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != ".." && !part.starts_with(".tmp"))
+            && key.split('/').all(|part| {
+                !part.is_empty() && part != "." && part != ".." && !part.starts_with(".tmp")
+            })
             && key
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
@@ -207,6 +207,9 @@ mod tests {
         store.delete_prefix("a/").await.unwrap();
         assert!(!store.exists("a/b.txt").await.unwrap());
         // Nothing half-written is left behind.
-        assert_eq!(std::fs::read_dir(dir.path().join(".tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(".tmp")).unwrap().count(),
+            0
+        );
     }
 }

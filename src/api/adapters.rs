@@ -118,6 +118,8 @@ pub async fn delete(
     if !adapters::delete(&state.db, tenant.id, a.id).await? {
         return Err(ApiError::not_found("adapter", &id));
     }
+    // Requests that hold it keep their lease; new ones cannot resolve it any more.
+    state.adapters.remove(a.id);
     if let Err(e) = state.store.delete_prefix(&a.store_key).await {
         tracing::warn!(adapter_id = %a.id, error = %e, "removing adapter files failed");
     }
@@ -231,7 +233,9 @@ pub async fn import(
     }
     let limit = state.settings.max_upload_bytes;
     let scratch = state.settings.work_dir().join("uploads");
-    let mut form = Multipart::from_request(req, &state).await.map_err(form_error)?;
+    let mut form = Multipart::from_request(req, &state)
+        .await
+        .map_err(form_error)?;
     let (mut config, mut weights, mut name): (Option<Upload>, Option<Upload>, Option<String>) =
         (None, None, None);
     while let Some(field) = form.next_field().await.map_err(form_error)? {
@@ -252,7 +256,8 @@ pub async fn import(
     let name = name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
     if let Some(n) = &name {
         let ok = n.len() <= 64
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && Uuid::parse_str(n).is_err();
         if !ok {
             return Err(ApiError::invalid(
@@ -269,7 +274,9 @@ pub async fn import(
     }
     // Lay the files out as a PEFT directory and load it: the same checks serving will make.
     let dir = scratch.join(format!("import-{}", Uuid::new_v4().simple()));
-    tokio::fs::create_dir_all(&dir).await.map_err(ApiError::internal)?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
     let _cleanup = DirGuard(dir.clone());
     tokio::fs::copy(&config.path, dir.join(peft::CONFIG_FILE))
         .await
@@ -284,7 +291,12 @@ pub async fn import(
     })
     .await
     .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::invalid("adapter_model", format!("the adapter cannot be served on this base model: {e}")))?;
+    .map_err(|e| {
+        ApiError::invalid(
+            "adapter_model",
+            format!("the adapter cannot be served on this base model: {e}"),
+        )
+    })?;
 
     let id = Uuid::new_v4();
     let prefix = keys::adapter_dir(id);

@@ -48,14 +48,22 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(expected) = state.settings.admin_token.as_deref().filter(|t| !t.is_empty())
+        let Some(expected) = state
+            .settings
+            .admin_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
         else {
             return Err(ApiError::AdminDisabled);
         };
         let given = bearer(parts).map_err(|_| ApiError::InvalidAdminToken)?;
         // Equal-length digests compared in full: the time taken says nothing about the token.
         let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
-        let same = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        let same = a
+            .iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0;
         if same {
             Ok(Admin)
         } else {

@@ -108,13 +108,14 @@ pub async fn create(
     let scratch = state.settings.work_dir().join("uploads");
     let (essence, full) = content_type(req.headers());
     let (upload, filename) = if essence == "multipart/form-data" {
-        let mut form = Multipart::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::BadRequest {
-                code: "invalid_multipart",
-                message: format!("the multipart form cannot be read: {e}"),
-                param: None,
-            })?;
+        let mut form =
+            Multipart::from_request(req, &state)
+                .await
+                .map_err(|e| ApiError::BadRequest {
+                    code: "invalid_multipart",
+                    message: format!("the multipart form cannot be read: {e}"),
+                    param: None,
+                })?;
         let mut found = None;
         while let Some(field) = form.next_field().await.map_err(|e| ApiError::BadRequest {
             code: "invalid_multipart",
@@ -134,11 +135,15 @@ pub async fn create(
         })?
     } else if JSONL_TYPES.contains(&essence.as_str()) {
         let body: Body = req.into_body();
-        (body_to_file(body, &scratch, limit).await?, q.filename.clone())
+        (
+            body_to_file(body, &scratch, limit).await?,
+            q.filename.clone(),
+        )
     } else {
         return Err(ApiError::UnsupportedMediaType {
             got: full,
-            expected: "JSONL (`Content-Type: application/jsonl`) or a multipart form with a `file` field",
+            expected:
+                "JSONL (`Content-Type: application/jsonl`) or a multipart form with a `file` field",
         });
     };
     let format = validate(&upload).await?;

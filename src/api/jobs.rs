@@ -153,7 +153,8 @@ async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
 fn valid_suffix(s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && Uuid::parse_str(s).is_err();
     if ok {
         Ok(())
@@ -171,9 +172,16 @@ async fn owned_dataset(
     param: &'static str,
     raw: &str,
 ) -> Result<Uuid, ApiError> {
-    let missing = || ApiError::invalid(param, format!("`{param}`: no dataset `{raw}` (upload it with POST /datasets)"));
+    let missing = || {
+        ApiError::invalid(
+            param,
+            format!("`{param}`: no dataset `{raw}` (upload it with POST /datasets)"),
+        )
+    };
     let id = Uuid::parse_str(raw).map_err(|_| missing())?;
-    datasets::get(&state.db, tenant, id).await?.ok_or_else(missing)?;
+    datasets::get(&state.db, tenant, id)
+        .await?
+        .ok_or_else(missing)?;
     Ok(id)
 }
 
@@ -237,11 +245,14 @@ pub async fn create(
         params.seed = seed;
     }
     if params.seed > i64::MAX as u64 {
-        return Err(ApiError::invalid("seed", format!("`seed` must be at most {}", i64::MAX)));
+        return Err(ApiError::invalid(
+            "seed",
+            format!("`seed` must be at most {}", i64::MAX),
+        ));
     }
-    params.validate(model.llama.config()).map_err(|e| {
-        ApiError::invalid(format!("hyperparameters.{}", e.param), e.to_string())
-    })?;
+    params
+        .validate(model.llama.config())
+        .map_err(|e| ApiError::invalid(format!("hyperparameters.{}", e.param), e.to_string()))?;
     if let Some(s) = &req.suffix {
         valid_suffix(s)?;
         if adapters::name_taken(&state.db, tenant.id, s).await?
@@ -275,8 +286,15 @@ pub async fn create(
         },
     )
     .await?;
-    events::insert(&state.db, job.id, Level::Info, EventType::Message, "Job created; validating its files", None)
-        .await?;
+    events::insert(
+        &state.db,
+        job.id,
+        Level::Info,
+        EventType::Message,
+        "Job created; validating its files",
+        None,
+    )
+    .await?;
     state.queue.validate.notify_one();
     tracing::info!(job_id = %job.id, tenant_id = %tenant.id, "job created");
     Ok((StatusCode::CREATED, Json(view(&state, job).await?)))
@@ -304,7 +322,10 @@ pub async fn list(
 ) -> Result<Json<List<JobView>>, ApiError> {
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid("limit", "`limit` must be between 1 and 100"));
+        return Err(ApiError::invalid(
+            "limit",
+            "`limit` must be between 1 and 100",
+        ));
     }
     let after = match &q.after {
         None => None,
@@ -372,14 +393,28 @@ pub async fn cancel(
     let uuid = parse_id("job", &id)?;
     match jobs::request_cancel(&state.db, tenant.id, uuid).await? {
         CancelOutcome::Cancelled => {
-            events::insert(&state.db, uuid, Level::Info, EventType::Message, "Cancelled before it started", None)
-                .await?;
+            events::insert(
+                &state.db,
+                uuid,
+                Level::Info,
+                EventType::Message,
+                "Cancelled before it started",
+                None,
+            )
+            .await?;
             state.queue.events.notify_waiters();
         }
         CancelOutcome::Requested => {
             state.queue.stop_local(uuid, StopReason::Cancel);
-            events::insert(&state.db, uuid, Level::Info, EventType::Message, "Cancel requested; stopping at the next step", None)
-                .await?;
+            events::insert(
+                &state.db,
+                uuid,
+                Level::Info,
+                EventType::Message,
+                "Cancel requested; stopping at the next step",
+                None,
+            )
+            .await?;
             state.queue.events.notify_waiters();
         }
         CancelOutcome::AlreadyFinished(status) => {
@@ -465,7 +500,10 @@ pub async fn events(
     }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "`limit` must be between 1 and 1000"));
+        return Err(ApiError::invalid(
+            "limit",
+            "`limit` must be between 1 and 1000",
+        ));
     }
     let mut page = events::list(&state.db, job.id, after, limit + 1).await?;
     let has_more = page.len() as i64 > limit;

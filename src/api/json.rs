@@ -98,14 +98,32 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let e = parse::<Body>(br#"{"name":"x","inner":{"n":"three"}}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { param, .. } if param == "inner.n"), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::Invalid { param, .. } if param == "inner.n"),
+            "{e:?}"
+        );
         let e = parse::<Body>(br#"{"inner":null}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { param, .. } if param == "name"), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::Invalid { param, .. } if param == "name"),
+            "{e:?}"
+        );
         let e = parse::<Body>(br#"{"name":"x","bogus":1}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { param, .. } if param == "bogus"), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::Invalid { param, .. } if param == "bogus"),
+            "{e:?}"
+        );
         let e = parse::<Body>(br#"{"name":"x","inner":{"n":1,"extra":2}}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { param, .. } if param == "inner.extra"), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::Invalid { param, .. } if param == "inner.extra"),
+            "{e:?}"
+        );
         let e = parse::<Body>(b"{not json").unwrap_err();
-        assert!(matches!(e, ApiError::BadRequest { code: "invalid_json", .. }));
+        assert!(matches!(
+            e,
+            ApiError::BadRequest {
+                code: "invalid_json",
+                ..
+            }
+        ));
     }
 }

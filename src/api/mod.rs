@@ -4,10 +4,14 @@
 
 pub mod adapters;
 pub mod auth;
+pub mod completions;
 pub mod datasets;
+mod generation;
 pub mod health;
 pub mod jobs;
 pub mod json;
+pub mod models;
+pub mod openai;
 mod openapi;
 pub mod tenants;
 mod upload;
@@ -15,6 +19,7 @@ mod upload;
 pub use openapi::{openapi_spec, router};
 
 use crate::db::Db;
+use crate::infer::AdapterCache;
 use crate::metrics::Metrics;
 use crate::queue::device::DeviceHandle;
 use crate::queue::JobQueue;
@@ -30,6 +35,10 @@ pub struct AppState {
     pub queue: JobQueue,
     pub store: Arc<dyn ArtifactStore>,
     pub metrics: Arc<Metrics>,
+    /// Adapters resident for serving.
+    pub adapters: Arc<AdapterCache>,
+    /// One permit per inference request in progress; none left is a 429.
+    pub admission: Arc<tokio::sync::Semaphore>,
     pub settings: Arc<crate::config::Settings>,
     /// This process's name in job claims.
     pub worker_id: Arc<str>,

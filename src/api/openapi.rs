@@ -1,17 +1,17 @@
 //! The OpenAPI document, generated from the handlers, and the router built alongside it with
 //! the cross-cutting layers (metrics, request ids, timeouts, body limits, tracing).
 
-use super::{adapters, datasets, health, jobs, tenants, AppState};
+use super::{adapters, completions, datasets, health, jobs, models, tenants, AppState};
 use crate::error::{ApiError, ErrorBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::HeaderName;
 use axum::middleware::Next;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use std::time::{Duration, Instant};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -25,7 +25,8 @@ use utoipa_axum::routes;
         title = "tuneshop",
         description = "Self-hosted LoRA fine-tuning-as-a-service for LLaMA-family models. \
             Upload datasets, create jobs, and get PEFT adapters trained on one shared frozen base \
-            model. Errors are `{\"error\": {\"code\", \"message\", \"param\"}}`.",
+            model, and serve them through OpenAI-compatible completions. Errors are \
+            `{\"error\": {\"code\", \"type\", \"message\", \"param\"}}`.",
         license(name = "Apache-2.0")
     ),
     components(schemas(ErrorBody)),
@@ -34,6 +35,7 @@ use utoipa_axum::routes;
         (name = "datasets", description = "JSONL training data"),
         (name = "jobs", description = "LoRA fine-tuning jobs: one queue, one device, in order"),
         (name = "adapters", description = "The adapter registry (PEFT format)"),
+        (name = "inference", description = "OpenAI-compatible completions; `model` is the base model or an adapter"),
         (name = "tenants", description = "Administration (admin token)"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -73,6 +75,9 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(adapters::import, adapters::list))
         .routes(routes!(adapters::get, adapters::delete))
         .routes(routes!(adapters::download))
+        .routes(routes!(completions::completions))
+        .routes(routes!(completions::chat_completions))
+        .routes(routes!(models::list))
         .routes(routes!(tenants::create, tenants::list))
         .routes(routes!(tenants::delete))
         .routes(routes!(tenants::rotate_key))
@@ -83,6 +88,16 @@ pub fn openapi_spec() -> utoipa::openapi::OpenApi {
     let (_, mut spec) = documented().split_for_parts();
     spec.info.version = env!("CARGO_PKG_VERSION").to_string();
     spec
+}
+
+/// Ends a request that takes longer than the limit with a JSON 408 (a stream counts until its
+/// headers are sent; generation itself is bounded by the batcher's deadline).
+async fn time_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let secs = state.settings.request_timeout_secs.max(1);
+    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(secs).into_response(),
+    }
 }
 
 /// Records every request's latency by route template and status.
@@ -112,7 +127,6 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     // Uploads stream past axum's default body limit; they enforce their own.
     let body_limit = state.settings.max_upload_bytes as usize + 1024 * 1024;
-    let timeout = Duration::from_secs(state.settings.request_timeout_secs.max(1));
     router
         .route("/openapi.json", get(move || async move { Json(spec) }))
         .fallback(|req: Request| async move {
@@ -121,15 +135,16 @@ pub fn router(state: AppState) -> Router {
                 path: req.uri().path().to_string(),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         // Server errors are logged where they happen, with their cause; 503s while the model
         // loads are expected and stay out of the error log.
-        .layer(
-            TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
-        )
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }

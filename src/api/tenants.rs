@@ -84,7 +84,10 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<NewTenantView>), ApiError> {
     let name = req.name.trim();
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::invalid("name", "`name` must be 1 to 100 characters"));
+        return Err(ApiError::invalid(
+            "name",
+            "`name` must be 1 to 100 characters",
+        ));
     }
     let (tenant, key) = tenants::create(&state.db, name).await?;
     tracing::info!(tenant_id = %tenant.id, "tenant created");

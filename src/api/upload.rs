@@ -56,10 +56,7 @@ impl Sink {
             return Err(ApiError::TooLarge { limit: self.limit });
         }
         self.hasher.update(chunk);
-        self.file
-            .write_all(chunk)
-            .await
-            .map_err(ApiError::internal)
+        self.file.write_all(chunk).await.map_err(ApiError::internal)
     }
 
     async fn finish(mut self) -> Result<Upload, ApiError> {
@@ -114,6 +111,11 @@ pub fn content_type(headers: &axum::http::HeaderMap) -> (String, String) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let essence = full.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = full
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     (essence, full)
 }

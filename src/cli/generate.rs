@@ -1,10 +1,13 @@
 //! `tuneshop generate`: one completion from the command line, streamed to stdout.
 
+use candle_core::Device;
 use clap::Args;
 use std::io::Write;
+use std::sync::Arc;
 use tuneshop::config::ModelArgs;
-use tuneshop::infer::{GenerateParams, SamplingParams};
-use tuneshop::model::{LoraHook, Message, NoLora};
+use tuneshop::infer::{GenerateParams, SamplingParams, ServedAdapter};
+use tuneshop::model::Message;
+use uuid::Uuid;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -68,20 +71,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         model.completion_prompt(&args.prompt)?
     };
+    // The same serving form of the adapter as the server uses, so answers match.
     let adapter = match &args.adapter {
-        Some(dir) => Some(tuneshop::lora::peft::load(
-            dir,
-            model.llama.config(),
-            model.llama.device(),
-        )?),
+        Some(dir) => {
+            let a = tuneshop::lora::peft::load(dir, model.llama.config(), &Device::Cpu)?;
+            Some(Arc::new(ServedAdapter::new(
+                Uuid::nil(),
+                &a,
+                model.llama.device(),
+            )?))
+        }
         None => None,
     };
-    let hook: Box<dyn LoraHook + '_> = match &adapter {
-        Some(a) => Box::new(a.hook()),
-        None => Box::new(NoLora),
-    };
     let mut stdout = std::io::stdout().lock();
-    let out = model.generate(&prompt, &params, hook.as_ref(), &mut |piece| {
+    let out = model.generate(&prompt, &params, adapter.as_ref(), &mut |piece| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
     })?;

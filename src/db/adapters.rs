@@ -79,7 +79,11 @@ pub async fn insert(
 }
 
 /// `tenant`'s adapter by id or by name.
-pub async fn resolve(db: &Db, tenant: Uuid, id_or_name: &str) -> Result<Option<AdapterRow>, DbError> {
+pub async fn resolve(
+    db: &Db,
+    tenant: Uuid,
+    id_or_name: &str,
+) -> Result<Option<AdapterRow>, DbError> {
     let row = match Uuid::parse_str(id_or_name) {
         Ok(id) => {
             sqlx::query(&format!(

@@ -300,7 +300,12 @@ pub async fn mark_queued(db: &Db, id: Uuid, total_steps: i64) -> Result<bool, Db
 }
 
 /// `validating_files` → `failed`.
-pub async fn fail_validation(db: &Db, id: Uuid, code: &str, message: &str) -> Result<bool, DbError> {
+pub async fn fail_validation(
+    db: &Db,
+    id: Uuid,
+    code: &str,
+    message: &str,
+) -> Result<bool, DbError> {
     let now = now_ms();
     let n = sqlx::query(
         "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, finished_at = $3, \
@@ -408,7 +413,10 @@ pub async fn update_progress(
 
 /// How a running job ended (other than success, which registers an adapter).
 pub enum Finish<'a> {
-    Failed { code: &'a str, message: &'a str },
+    Failed {
+        code: &'a str,
+        message: &'a str,
+    },
     Cancelled,
     /// Back to the queue (graceful shutdown): another claim resumes it from its checkpoint.
     Requeued,

@@ -1,11 +1,12 @@
-//! Single-sequence generation: prefill the prompt, then decode token by token with the KV cache,
-//! streaming text out as it is produced. Runs on whichever thread owns the model (the CLI's main
-//! thread, or the device thread), never on the async runtime.
+//! Generation parameters and their checks, and one-request generation (the CLI's): the batcher
+//! with a single request, streaming text out as it is produced, on the calling thread.
 
-use super::sampling::{Sampler, SamplingParams};
-use super::text::{StopMatcher, TextStream};
+use super::engine::{Engine, EngineConfig};
+use super::lora_batch::AdapterLease;
+use super::sampling::SamplingParams;
+use super::sequence::{GenEvent, GenRequest, StepError};
 use super::InferError;
-use crate::model::{last_logits, BaseModel, KvCache, LoraHook, Message, SeqInput};
+use crate::model::{BaseModel, Message};
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -104,97 +105,88 @@ impl BaseModel {
     }
 
     /// Generates a continuation of `prompt`, calling `on_text` with each new piece of text.
+    /// Runs the same batcher as the server, with this one request, on the calling thread.
     pub fn generate(
         &self,
         prompt: &[u32],
         params: &GenerateParams,
-        lora: &dyn LoraHook,
+        adapter: Option<&AdapterLease>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation, InferError> {
-        params.validate()?;
-        if prompt.is_empty() {
-            return Err(InferError::EmptyPrompt);
-        }
-        let context = self.llama.config().max_position_embeddings;
-        if prompt.len() + params.max_tokens > context {
-            return Err(InferError::ContextExceeded {
-                prompt_tokens: prompt.len(),
-                max_tokens: params.max_tokens,
-                context,
-            });
-        }
-        let tok = &self.tokenizer;
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut stream = TextStream::new();
-        let mut stopper = StopMatcher::new(params.stop.clone());
-        let mut cache = KvCache::new(self.llama.config());
+        self.check_request(prompt.len(), params)?;
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut engine = Engine::new(self, EngineConfig::default(), None);
+        let start = Instant::now();
+        engine.submit(GenRequest {
+            prompt: prompt.to_vec(),
+            params: params.clone(),
+            n: 1,
+            first_index: 0,
+            logprobs: None,
+            ignore_eos: false,
+            adapter: adapter.cloned(),
+            events,
+            received: start,
+            deadline: None,
+        });
         let mut text = String::new();
         let mut tokens = Vec::new();
-        let mut emit = |piece: &str, text: &mut String| {
-            if !piece.is_empty() {
-                on_text(piece);
-                text.push_str(piece);
-            }
-        };
-
-        let start = Instant::now();
-        let mut logits = self.step(prompt, &mut cache, lora)?;
-        let prefill_time = start.elapsed();
-        let decode_start = Instant::now();
-        let mut finish_reason = FinishReason::Length;
-        let mut stopped = false;
-        loop {
-            let id = sampler.sample(&logits);
-            if tok.stop_ids().contains(&id) {
-                finish_reason = FinishReason::Stop;
-                break;
-            }
-            tokens.push(id);
-            if let Some(delta) = stream.push(tok, id)? {
-                let (out, hit) = stopper.push(&delta);
-                emit(&out, &mut text);
-                if hit {
-                    finish_reason = FinishReason::Stop;
-                    stopped = true;
-                    break;
+        let mut first_token: Option<Instant> = None;
+        let mut finish_reason = None;
+        while engine.has_work() {
+            engine.step();
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    GenEvent::Token {
+                        token, text: piece, ..
+                    } => {
+                        first_token.get_or_insert_with(Instant::now);
+                        tokens.extend(token);
+                        if !piece.is_empty() {
+                            on_text(&piece);
+                            text.push_str(&piece);
+                        }
+                    }
+                    GenEvent::Finished { reason, .. } => {
+                        first_token.get_or_insert_with(Instant::now);
+                        finish_reason = Some(reason);
+                    }
+                    GenEvent::Failed(e) => return Err(InferError::Step(e)),
                 }
             }
-            if tokens.len() == params.max_tokens {
-                break;
-            }
-            logits = self.step(&[id], &mut cache, lora)?;
         }
-        if !stopped {
-            let (out, hit) = stopper.push(&stream.finish(tok)?);
-            emit(&out, &mut text);
-            if hit {
-                finish_reason = FinishReason::Stop;
-            } else {
-                emit(&stopper.finish(), &mut text);
-            }
-        }
+        let first = first_token.unwrap_or_else(Instant::now);
         Ok(Generation {
             text,
             tokens,
             prompt_tokens: prompt.len(),
-            finish_reason,
-            prefill_time,
-            decode_time: decode_start.elapsed(),
+            finish_reason: finish_reason.ok_or(InferError::Step(StepError::Compute(
+                "generation ended without finishing".into(),
+            )))?,
+            prefill_time: first.duration_since(start),
+            decode_time: first.elapsed(),
         })
     }
 
-    /// Runs `tokens` through the model on top of `cache`; the last position's logits.
-    fn step(
+    /// The checks every request passes before it is queued: parameters, a non-empty prompt,
+    /// and room for `max_tokens` in the model's context.
+    pub fn check_request(
         &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        lora: &dyn LoraHook,
-    ) -> Result<Vec<f32>, InferError> {
-        let mut seqs = [SeqInput {
-            tokens,
-            cache: Some(cache),
-        }];
-        let logits = self.llama.forward_last(&mut seqs, lora)?;
-        Ok(last_logits(&logits, 0)?)
+        prompt_tokens: usize,
+        params: &GenerateParams,
+    ) -> Result<(), InferError> {
+        params.validate()?;
+        if prompt_tokens == 0 {
+            return Err(InferError::EmptyPrompt);
+        }
+        let context = self.llama.config().max_position_embeddings;
+        if prompt_tokens + params.max_tokens > context {
+            return Err(InferError::ContextExceeded {
+                prompt_tokens,
+                max_tokens: params.max_tokens,
+                context,
+            });
+        }
+        Ok(())
     }
 }

@@ -101,19 +101,31 @@ fn write_atomic(
 pub fn load(dir: &Path, base: &Config, device: &Device) -> Result<Adapter, LoraError> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
-    let peft: PeftConfig = serde_json::from_str(&text).map_err(|e| LoraError::BadConfig {
-        path: config_path.clone(),
-        detail: e.to_string(),
-    })?;
-    let config = validate_config(&peft)?;
-    config.validate(base)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
         return Err(LoraError::Unsupported(format!(
             "`{WEIGHTS_FILE}` is missing (PyTorch .bin adapters are not read; save with safetensors)"
         )));
     }
-    let raw = candle_core::safetensors::load(&weights_path, device)?;
+    let weights = std::fs::read(&weights_path).map_err(io(&weights_path))?;
+    from_bytes(&config_path, &text, &weights, base, device)
+}
+
+/// [`load`] from the two files' contents (`origin` names the config in errors).
+pub fn from_bytes(
+    origin: &Path,
+    config_json: &str,
+    weights: &[u8],
+    base: &Config,
+    device: &Device,
+) -> Result<Adapter, LoraError> {
+    let peft: PeftConfig = serde_json::from_str(config_json).map_err(|e| LoraError::BadConfig {
+        path: origin.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let config = validate_config(&peft)?;
+    config.validate(base)?;
+    let raw = candle_core::safetensors::load_buffer(weights, device)?;
     let mut a_and_b: BTreeMap<LinearId, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, tensor) in raw {
         let Some((id, which)) = parse_key(&name) else {

@@ -1,22 +1,37 @@
-//! The device thread: one named OS thread owns the compute device and runs all tensor work on
-//! the frozen base model. It loads the model at start and reports its state through a watch
-//! channel (the server answers health checks meanwhile; a failed load is a clean error), then
-//! takes [`Command`]s: a training run streams its progress back and stops at a step boundary
-//! when its [`StopFlag`] is raised.
+//! The handle to the device thread: one named OS thread owns the compute device and runs all
+//! tensor work on the frozen base model (see `device_worker`). It loads the model at start and
+//! reports its state through a watch channel (the server answers health checks meanwhile; a
+//! failed load is a clean error), then takes [`Command`]s: training runs, which stream their
+//! progress back and stop at a step boundary when their [`StopFlag`] is raised, and generation
+//! requests for the continuous batcher, which runs between training steps.
 
+use super::device_worker::device_worker;
 use super::StopFlag;
 use crate::config::ModelArgs;
-use crate::lora::{peft, LoraConfig};
-use crate::model::{self, BaseModel};
-use crate::train::data::examples_from_jsonl;
-use crate::train::{DataStats, EvalResult, Progress, TrainError, TrainObserver};
-use crate::train::{TrainParams, Trainer};
+use crate::infer::{EngineConfig, GenRequest};
+use crate::lora::LoraConfig;
+use crate::metrics::InferMetrics;
+use crate::model::BaseModel;
+use crate::train::TrainParams;
+use crate::train::{DataStats, EvalResult, Progress, TrainError};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
+
+/// What the device thread loads and how it serves.
+#[derive(Clone)]
+pub struct DeviceConfig {
+    pub model: ModelArgs,
+    pub engine: EngineConfig,
+    /// The share of device time inference gets while a training job runs and requests wait,
+    /// in [0, 1]: 0 gives inference one batch step between training steps, 1 lets inference
+    /// run until it is idle.
+    pub inference_share: f64,
+    pub metrics: Arc<InferMetrics>,
+}
 
 /// What the server reports about the loaded base model.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -111,6 +126,8 @@ pub struct TrainReport {
 }
 
 pub enum Command {
+    /// Generate for one request (its events go back on the request's own channel).
+    Generate(Box<GenRequest>),
     Train {
         job: Box<TrainJob>,
         events: tokio::sync::mpsc::UnboundedSender<TrainEvent>,
@@ -134,15 +151,15 @@ pub struct DeviceHandle {
 pub struct DeviceGone;
 
 impl DeviceHandle {
-    /// Starts the device thread; it begins loading `args.model` at once.
-    pub fn spawn(args: ModelArgs) -> std::io::Result<Self> {
+    /// Starts the device thread; it begins loading `cfg.model` at once.
+    pub fn spawn(cfg: DeviceConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let (state_tx, state) = watch::channel(ModelState::Loading);
         let model = Arc::new(OnceLock::new());
         let published = model.clone();
         let thread = std::thread::Builder::new()
             .name("tuneshop-device".into())
-            .spawn(move || device_worker(args, rx, state_tx, published))?;
+            .spawn(move || device_worker(cfg, rx, state_tx, published))?;
         Ok(Self {
             tx,
             state,
@@ -204,144 +221,4 @@ impl DeviceHandle {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
-}
-
-fn device_worker(
-    args: ModelArgs,
-    rx: mpsc::Receiver<Command>,
-    state: watch::Sender<ModelState>,
-    published: Arc<OnceLock<Arc<BaseModel>>>,
-) {
-    let model = match load(&args) {
-        Ok(model) => {
-            let info = ModelInfo::of(&args.display_name(), &model);
-            tracing::info!(
-                model = %info.name,
-                format = %info.weight_format,
-                parameters = info.parameters,
-                "base model loaded"
-            );
-            let model = Arc::new(model);
-            let _ = published.set(model.clone());
-            state.send_replace(ModelState::Ready(info));
-            model
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "loading the base model failed");
-            state.send_replace(ModelState::Failed(e));
-            return;
-        }
-    };
-    while let Ok(cmd) = rx.recv() {
-        match cmd {
-            Command::Train {
-                job,
-                events,
-                stop,
-                reply,
-            } => {
-                let result = run_training(&model, &job, &events, &stop);
-                let _ = reply.send(result);
-            }
-            Command::Shutdown => break,
-        }
-    }
-}
-
-fn load(args: &ModelArgs) -> Result<BaseModel, String> {
-    let opts = args.load_options().map_err(|e| e.to_string())?;
-    let path = args.resolve_path().map_err(|e| e.to_string())?;
-    model::load(&path, &opts).map_err(|e| e.to_string())
-}
-
-fn read_text(path: &Path) -> Result<String, TrainError> {
-    std::fs::read_to_string(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Reports progress and checkpoints on a channel and stops when the flag is raised.
-struct ChannelObserver<'a> {
-    events: &'a tokio::sync::mpsc::UnboundedSender<TrainEvent>,
-    stop: &'a StopFlag,
-    last_loss: f64,
-    last_valid: Option<f64>,
-}
-
-impl TrainObserver for ChannelObserver<'_> {
-    fn on_progress(&mut self, p: &Progress) {
-        self.last_loss = p.train_loss;
-        if let Some(v) = p.valid {
-            self.last_valid = Some(v.loss);
-        }
-        let _ = self.events.send(TrainEvent::Progress(p.clone()));
-    }
-
-    fn on_checkpoint(&mut self, step: usize, path: &Path) {
-        let _ = self.events.send(TrainEvent::Checkpoint {
-            step,
-            path: path.to_path_buf(),
-            train_loss: self.last_loss,
-            valid_loss: self.last_valid,
-        });
-    }
-
-    fn should_stop(&self) -> bool {
-        self.stop.is_raised()
-    }
-}
-
-fn run_training(
-    model: &BaseModel,
-    job: &TrainJob,
-    events: &tokio::sync::mpsc::UnboundedSender<TrainEvent>,
-    stop: &StopFlag,
-) -> Result<TrainReport, TrainError> {
-    let max_len = job.params.max_seq_len;
-    let (train, train_stats) = examples_from_jsonl(model, &read_text(&job.train_file)?, max_len)?;
-    let (valid, valid_stats) = match &job.valid_file {
-        Some(p) => {
-            let (v, s) = examples_from_jsonl(model, &read_text(p)?, max_len)?;
-            (v, Some(s))
-        }
-        None => (Vec::new(), None),
-    };
-    let mut trainer = Trainer::new(
-        model,
-        job.params.clone(),
-        job.lora.clone(),
-        train,
-        valid,
-        &job.base_name,
-    )?
-    .with_checkpoints(job.work_dir.join("checkpoints"));
-    let mut resumed_at = None;
-    if let Some(path) = &job.resume_from {
-        trainer.resume(path)?;
-        resumed_at = Some(trainer.step());
-    }
-    let _ = events.send(TrainEvent::Started {
-        total_steps: trainer.total_steps(),
-        resumed_at,
-        train: train_stats,
-        valid: valid_stats,
-    });
-    let mut observer = ChannelObserver {
-        events,
-        stop,
-        last_loss: f64::NAN,
-        last_valid: None,
-    };
-    let outcome = trainer.run(&mut observer)?;
-    let adapter_dir = job.work_dir.join("adapter");
-    peft::save(&outcome.adapter, &adapter_dir)?;
-    Ok(TrainReport {
-        adapter_dir,
-        parameters: outcome.adapter.parameter_count(),
-        steps: outcome.steps,
-        train_loss: outcome.train_loss,
-        valid: outcome.valid,
-        tokens_trained: outcome.tokens_trained,
-    })
 }

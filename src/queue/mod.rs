@@ -3,6 +3,7 @@
 //! order and drives them on the device thread. [`JobQueue`] is the handle the HTTP side holds.
 
 pub mod device;
+mod device_worker;
 pub mod runner;
 pub mod validator;
 

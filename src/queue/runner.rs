@@ -94,8 +94,12 @@ pub async fn runner_task(w: Worker, mut shutdown: watch::Receiver<bool>) {
                         code: "internal_error",
                         message,
                     };
-                    if matches!(db::jobs::finish(&w.db, id, &w.worker_id, how).await, Ok(true)) {
-                        w.event(id, Level::Error, EventType::Message, message, None).await;
+                    if matches!(
+                        db::jobs::finish(&w.db, id, &w.worker_id, how).await,
+                        Ok(true)
+                    ) {
+                        w.event(id, Level::Error, EventType::Message, message, None)
+                            .await;
                     }
                 }
                 w.queue.unregister(id);
@@ -125,7 +129,9 @@ async fn fetch_dir(
     dest: &Path,
 ) -> anyhow::Result<()> {
     for f in files {
-        store.get_file(&format!("{prefix}{f}"), &dest.join(f)).await?;
+        store
+            .get_file(&format!("{prefix}{f}"), &dest.join(f))
+            .await?;
     }
     Ok(())
 }
@@ -139,7 +145,9 @@ async fn put_dir(
 ) -> anyhow::Result<u64> {
     let mut bytes = 0;
     for f in files {
-        bytes += store.put_file(&format!("{prefix}{f}"), &src.join(f)).await?;
+        bytes += store
+            .put_file(&format!("{prefix}{f}"), &src.join(f))
+            .await?;
     }
     Ok(bytes)
 }
@@ -161,7 +169,10 @@ async fn run_job(
         job.id,
         Level::Info,
         EventType::Message,
-        &format!("Started on worker {} (attempt {})", w.worker_id, job.attempts),
+        &format!(
+            "Started on worker {} (attempt {})",
+            w.worker_id, job.attempts
+        ),
         None,
     )
     .await;
@@ -257,9 +268,22 @@ async fn run_job(
 }
 
 async fn fail(w: &Worker, job: &Job, code: &str, message: &str) -> anyhow::Result<()> {
-    if db::jobs::finish(&w.db, job.id, &w.worker_id, Finish::Failed { code, message }).await? {
-        w.event(job.id, Level::Error, EventType::Message, &format!("Failed: {message}"), None)
-            .await;
+    if db::jobs::finish(
+        &w.db,
+        job.id,
+        &w.worker_id,
+        Finish::Failed { code, message },
+    )
+    .await?
+    {
+        w.event(
+            job.id,
+            Level::Error,
+            EventType::Message,
+            &format!("Failed: {message}"),
+            None,
+        )
+        .await;
     }
     Ok(())
 }
@@ -280,7 +304,9 @@ async fn on_event(
         } => {
             progress.total_steps = Some(total_steps as i64);
             let message = match resumed_at {
-                Some(step) => format!("Resumed from the checkpoint at step {step} of {total_steps}"),
+                Some(step) => {
+                    format!("Resumed from the checkpoint at step {step} of {total_steps}")
+                }
                 None => format!(
                     "Training on {} examples ({} tokens){} for {total_steps} steps",
                     train.rows,
@@ -288,7 +314,8 @@ async fn on_event(
                     valid.map_or(String::new(), |v| format!(", validating on {}", v.rows))
                 ),
             };
-            w.event(job.id, Level::Info, EventType::Message, &message, None).await;
+            w.event(job.id, Level::Info, EventType::Message, &message, None)
+                .await;
         }
         TrainEvent::Progress(p) => {
             progress.step = p.step as i64;
@@ -303,7 +330,8 @@ async fn on_event(
                 progress.valid_loss = Some(v.loss);
                 progress.valid_token_accuracy = Some(v.token_accuracy);
             }
-            w.metrics.set_training_tokens_per_second(p.tokens_per_second);
+            w.metrics
+                .set_training_tokens_per_second(p.tokens_per_second);
             match db::jobs::update_progress(&w.db, job.id, &w.worker_id, progress).await? {
                 Claim::Lost => flag.raise(StopReason::LostClaim),
                 Claim::Held { cancel_requested } => {
@@ -321,13 +349,23 @@ async fn on_event(
                 "tokens_per_second": p.tokens_per_second,
                 "eta_seconds": p.eta_seconds,
             });
-            let mut message = format!("Step {}/{}: training loss {:.4}", p.step, p.total_steps, p.train_loss);
+            let mut message = format!(
+                "Step {}/{}: training loss {:.4}",
+                p.step, p.total_steps, p.train_loss
+            );
             if let Some(v) = p.valid {
                 data["valid_loss"] = v.loss.into();
                 data["valid_token_accuracy"] = v.token_accuracy.into();
                 message += &format!(", validation loss {:.4}", v.loss);
             }
-            w.event(job.id, Level::Info, EventType::Metrics, &message, Some(&data)).await;
+            w.event(
+                job.id,
+                Level::Info,
+                EventType::Metrics,
+                &message,
+                Some(&data),
+            )
+            .await;
         }
         TrainEvent::Checkpoint {
             step,
@@ -365,7 +403,13 @@ async fn register(w: &Worker, job: &Job, report: TrainReport) -> anyhow::Result<
     let params: TrainParams = serde_json::from_str(&job.hyperparameters)?;
     let id = Uuid::new_v4();
     let prefix = keys::adapter_dir(id);
-    let bytes = put_dir(w.store.as_ref(), &prefix, &ADAPTER_FILES, &report.adapter_dir).await?;
+    let bytes = put_dir(
+        w.store.as_ref(),
+        &prefix,
+        &ADAPTER_FILES,
+        &report.adapter_dir,
+    )
+    .await?;
     let mut row = AdapterRow {
         id,
         tenant_id: job.tenant_id,
@@ -392,7 +436,8 @@ async fn register(w: &Worker, job: &Job, report: TrainReport) -> anyhow::Result<
                 "The adapter name `{}` was taken meanwhile; registered without a name",
                 job.suffix.as_deref().unwrap_or_default()
             );
-            w.event(job.id, Level::Warn, EventType::Message, &msg, None).await;
+            w.event(job.id, Level::Warn, EventType::Message, &msg, None)
+                .await;
         }
     }
     if !registered? {
@@ -400,15 +445,16 @@ async fn register(w: &Worker, job: &Job, report: TrainReport) -> anyhow::Result<
         let _ = w.store.delete_prefix(&prefix).await;
         return Ok(());
     }
-    let valid = report
-        .valid
-        .map_or(String::new(), |v| format!(", validation loss {:.4}", v.loss));
+    let valid = report.valid.map_or(String::new(), |v| {
+        format!(", validation loss {:.4}", v.loss)
+    });
     let msg = format!(
         "Succeeded after {} steps (training loss {:.4}{valid}): adapter {id}",
         report.steps, report.train_loss
     );
     let data = serde_json::json!({ "adapter_id": id, "trained_tokens": report.tokens_trained });
-    w.event(job.id, Level::Info, EventType::Message, &msg, Some(&data)).await;
+    w.event(job.id, Level::Info, EventType::Message, &msg, Some(&data))
+        .await;
     Ok(())
 }
 
@@ -433,7 +479,8 @@ async fn stopped(
         Some(StopReason::Cancel) => {
             if db::jobs::finish(&w.db, job.id, &w.worker_id, Finish::Cancelled).await? {
                 let msg = format!("Cancelled after step {step}; its checkpoints are kept");
-                w.event(job.id, Level::Info, EventType::Message, &msg, None).await;
+                w.event(job.id, Level::Info, EventType::Message, &msg, None)
+                    .await;
             }
         }
         Some(StopReason::Shutdown) => {
@@ -441,7 +488,8 @@ async fn stopped(
                 let msg = format!(
                     "Interrupted by a server shutdown after step {step}; back in the queue, to resume from its last checkpoint"
                 );
-                w.event(job.id, Level::Warn, EventType::Message, &msg, None).await;
+                w.event(job.id, Level::Warn, EventType::Message, &msg, None)
+                    .await;
             }
         }
         Some(StopReason::LostClaim) | None => {

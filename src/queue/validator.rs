@@ -53,7 +53,11 @@ struct Invalid {
     message: String,
 }
 
-async fn load_dataset(w: &Worker, id: uuid::Uuid, which: &str) -> Result<Result<String, Invalid>, anyhow::Error> {
+async fn load_dataset(
+    w: &Worker,
+    id: uuid::Uuid,
+    which: &str,
+) -> Result<Result<String, Invalid>, anyhow::Error> {
     let Some(d) = datasets::get_any(&w.db, id).await? else {
         return Ok(Err(Invalid {
             code: "dataset_not_found",
@@ -87,15 +91,27 @@ async fn validate_one(w: &Worker, model: &Arc<BaseModel>, job: &Job) -> anyhow::
                     "truncated_rows": train.truncated_rows,
                     "validation_examples": valid.as_ref().map(|v| v.rows),
                 });
-                w.event(job.id, Level::Info, EventType::Message, &message, Some(&data))
-                    .await;
+                w.event(
+                    job.id,
+                    Level::Info,
+                    EventType::Message,
+                    &message,
+                    Some(&data),
+                )
+                .await;
                 w.queue.run.notify_one();
             }
         }
         Err(invalid) => {
             if db::jobs::fail_validation(&w.db, job.id, invalid.code, &invalid.message).await? {
-                w.event(job.id, Level::Error, EventType::Message, &invalid.message, None)
-                    .await;
+                w.event(
+                    job.id,
+                    Level::Error,
+                    EventType::Message,
+                    &invalid.message,
+                    None,
+                )
+                .await;
             }
         }
     }
@@ -121,8 +137,8 @@ async fn check(w: &Worker, model: &Arc<BaseModel>, job: &Job) -> anyhow::Result<
     let max_len = params.max_seq_len;
     // Tokenizing is CPU work, not tensor math: a blocking thread, off the runtime.
     let checked = tokio::task::spawn_blocking(move || -> Checked {
-        let (train, train_stats) = examples_from_jsonl(&model, &train_text, max_len)
-            .map_err(|e| Invalid {
+        let (train, train_stats) =
+            examples_from_jsonl(&model, &train_text, max_len).map_err(|e| Invalid {
                 code: "invalid_training_file",
                 message: format!("training dataset: {e}"),
             })?;

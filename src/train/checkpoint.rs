@@ -15,7 +15,12 @@ const STATE_FILE: &str = "trainer_state.json";
 const PREFIX: &str = "checkpoint-";
 
 /// The files of one checkpoint directory.
-pub const FILES: [&str; 4] = [peft::CONFIG_FILE, peft::WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE];
+pub const FILES: [&str; 4] = [
+    peft::CONFIG_FILE,
+    peft::WEIGHTS_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+];
 
 /// Where training stood when the checkpoint was written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

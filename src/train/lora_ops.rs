@@ -9,9 +9,7 @@
 //! `[rows, out]` tensors per projection alive until the backward pass. Off the CPU (or for
 //! non-f32 data) the composed form is used, with the same masks.
 
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// A uniform number in `[0, 1)` for element `i` of the mask seeded by `seed`.
 fn unit(seed: u64, i: u64) -> f32 {
@@ -39,7 +37,10 @@ impl Mask {
     }
 
     fn apply(&self, xs: &[f32]) -> Vec<f32> {
-        xs.iter().enumerate().map(|(i, &x)| x * self.factor(i)).collect()
+        xs.iter()
+            .enumerate()
+            .map(|(i, &x)| x * self.factor(i))
+            .collect()
     }
 
     fn tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
@@ -180,7 +181,8 @@ pub fn lora_down(x: &Tensor, a: &Tensor, dropout: f32, seed: u64) -> Result<Tens
         };
         return x.matmul(&a.t()?);
     }
-    x.contiguous()?.apply_op2(&a.contiguous()?, LoraDown { mask })
+    x.contiguous()?
+        .apply_op2(&a.contiguous()?, LoraDown { mask })
 }
 
 struct LoraUpAdd {
@@ -225,7 +227,14 @@ impl CustomOp3 for LoraUpAdd {
         for (i, row) in out.chunks_exact_mut(out_dim).enumerate() {
             row.copy_from_slice(&ys[i * y_stride..i * y_stride + out_dim]);
         }
-        matmul((rows, out_dim, r), &mut out, true, self.scale, (t, r, 1), (b, 1, r));
+        matmul(
+            (rows, out_dim, r),
+            &mut out,
+            true,
+            self.scale,
+            (t, r, 1),
+            (b, 1, r),
+        );
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
     }
 
@@ -242,10 +251,24 @@ impl CustomOp3 for LoraUpAdd {
         let (g, td, bd) = (data_of(grad)?, data_of(t)?, data_of(b)?);
         // dL/dt = scale · g · B
         let mut gt = vec![0f32; rows * r];
-        matmul((rows, r, out_dim), &mut gt, false, self.scale, (&g, out_dim, 1), (&bd, r, 1));
+        matmul(
+            (rows, r, out_dim),
+            &mut gt,
+            false,
+            self.scale,
+            (&g, out_dim, 1),
+            (&bd, r, 1),
+        );
         // dL/dB = scale · gᵀ · t
         let mut gb = vec![0f32; out_dim * r];
-        matmul((out_dim, r, rows), &mut gb, false, self.scale, (&g, 1, out_dim), (&td, r, 1));
+        matmul(
+            (out_dim, r, rows),
+            &mut gb,
+            false,
+            self.scale,
+            (&g, 1, out_dim),
+            (&td, r, 1),
+        );
         Ok((
             Some(grad.clone()),
             Some(Tensor::from_vec(gt, (rows, r), t.device())?),
@@ -264,9 +287,13 @@ pub fn lora_up_add(ys: &Tensor, t: &Tensor, b: &Tensor, scale: f64) -> Result<Te
         let delta = (t.matmul(&b.t()?)? * scale)?.to_dtype(ys.dtype())?;
         return ys.broadcast_add(&delta.reshape(ys.shape())?);
     }
-    ys.apply_op3(&t.contiguous()?, &b.contiguous()?, LoraUpAdd {
-        scale: scale as f32,
-    })
+    ys.apply_op3(
+        &t.contiguous()?,
+        &b.contiguous()?,
+        LoraUpAdd {
+            scale: scale as f32,
+        },
+    )
 }
 
 #[cfg(test)]

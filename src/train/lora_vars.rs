@@ -1,8 +1,8 @@
 //! The trainable side of an adapter: A and B as candle `Var`s (the only tensors that get
 //! gradients), their PEFT-style initialization, and the training hook with dropout.
 
-use crate::lora::{Adapter, LoraConfig, LoraPair};
 use super::lora_ops::{lora_down, lora_up_add};
+use crate::lora::{Adapter, LoraConfig, LoraPair};
 use crate::model::{Config, LinearId, LoraHook};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
@@ -127,7 +127,12 @@ impl LoraHook for TrainHook<'_> {
             .wrapping_mul(0x100_0000_01b3)
             .wrapping_add((id.layer as u64) << 8 | id.proj as u64);
         // The adapter trains in f32 whatever the base's dtype.
-        let t = lora_down(&xs.to_dtype(DType::F32)?, a.as_tensor(), self.dropout, mask_seed)?;
+        let t = lora_down(
+            &xs.to_dtype(DType::F32)?,
+            a.as_tensor(),
+            self.dropout,
+            mask_seed,
+        )?;
         let dtype = ys.dtype();
         lora_up_add(&ys.to_dtype(DType::F32)?, &t, b.as_tensor(), self.scale)?.to_dtype(dtype)
     }

@@ -49,6 +49,9 @@ pub trait TrainObserver {
     fn should_stop(&self) -> bool {
         false
     }
+    /// Called between pieces of training work (after every micro-batch and every evaluation
+    /// batch): the device thread serves inference here.
+    fn interleave(&mut self) {}
 }
 
 /// Ignores everything.
@@ -205,6 +208,14 @@ impl<'a> Trainer<'a> {
 
     /// Loss and token accuracy on `examples` with the current adapter (no dropout).
     pub fn evaluate(&self, examples: &[Example]) -> Result<EvalResult, TrainError> {
+        self.evaluate_with(examples, &mut Silent)
+    }
+
+    fn evaluate_with(
+        &self,
+        examples: &[Example],
+        observer: &mut dyn TrainObserver,
+    ) -> Result<EvalResult, TrainError> {
         let hook = self.lora.eval_hook();
         let (mut loss, mut correct, mut count) = (0f64, 0usize, 0usize);
         for chunk in examples.chunks(self.params.batch_size) {
@@ -213,6 +224,7 @@ impl<'a> Trainer<'a> {
             loss += nll.to_scalar::<f32>()? as f64;
             correct += ok;
             count += batch.iter().map(|e| e.n_targets()).sum::<usize>();
+            observer.interleave();
         }
         Ok(EvalResult {
             loss: loss / count.max(1) as f64,
@@ -221,7 +233,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// One optimizer step; returns the mean loss per supervised token and the tokens seen.
-    fn train_step(&mut self) -> Result<(f64, usize), TrainError> {
+    fn train_step(&mut self, observer: &mut dyn TrainObserver) -> Result<(f64, usize), TrainError> {
         let batches = self.batches_of(self.step);
         let n_targets: usize = batches
             .iter()
@@ -257,6 +269,7 @@ impl<'a> Trainer<'a> {
                 });
             }
             loss += value;
+            observer.interleave();
             summed = Some(match summed {
                 None => g,
                 Some(acc) => acc
@@ -289,21 +302,23 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Tensor, Vec<Tensor>), TrainError> {
         let seqs: Vec<&[u32]> = batch.iter().map(|e| e.tokens.as_slice()).collect();
         let vars: Vec<&candle_core::Var> = named.iter().map(|(_, v)| *v).collect();
-        let (loss, grads) = self.model.llama.backward_recomputed(
-            &seqs,
-            hook,
-            &vars,
-            &mut |hidden| {
-                let (nll, _) = nll_of_hidden(self.model, batch, hidden, true)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                nll / n_targets as f64
-            },
-        )?;
+        let (loss, grads) =
+            self.model
+                .llama
+                .backward_recomputed(&seqs, hook, &vars, &mut |hidden| {
+                    let (nll, _) = nll_of_hidden(self.model, batch, hidden, true)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    nll / n_targets as f64
+                })?;
         let grads = grads
             .into_iter()
             .zip(named)
             .map(|(g, (name, _))| {
-                g.ok_or_else(|| TrainError::Candle(candle_core::Error::Msg(format!("no gradient reached `{name}`"))))
+                g.ok_or_else(|| {
+                    TrainError::Candle(candle_core::Error::Msg(format!(
+                        "no gradient reached `{name}`"
+                    )))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((loss, grads))
@@ -366,7 +381,7 @@ impl<'a> Trainer<'a> {
                 return Err(TrainError::Cancelled { step: self.step });
             }
             let lr = self.current_lr();
-            let (loss, tokens) = self.train_step()?;
+            let (loss, tokens) = self.train_step(observer)?;
             self.step += 1;
             self.tokens_trained += tokens;
             self.last_loss = loss;
@@ -377,7 +392,7 @@ impl<'a> Trainer<'a> {
                     || (self.params.eval_every > 0
                         && self.step.is_multiple_of(self.params.eval_every)));
             let step_valid = if eval_now {
-                let v = self.evaluate(&self.valid)?;
+                let v = self.evaluate_with(&self.valid, observer)?;
                 if !v.loss.is_finite() {
                     return Err(TrainError::NonFinite {
                         step: self.step,

@@ -116,7 +116,8 @@ impl Client {
     }
 
     pub async fn get(&self, key: &str, path: &str) -> (u16, Value) {
-        self.send(self.http.get(self.url(path)).bearer_auth(key)).await
+        self.send(self.http.get(self.url(path)).bearer_auth(key))
+            .await
     }
 
     pub async fn post(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
@@ -144,7 +145,9 @@ impl Client {
 
     /// A new tenant (admin API); returns its API key.
     pub async fn tenant(&self, name: &str) -> String {
-        let (status, body) = self.post(ADMIN_TOKEN, "/tenants", &json!({ "name": name })).await;
+        let (status, body) = self
+            .post(ADMIN_TOKEN, "/tenants", &json!({ "name": name }))
+            .await;
         assert_eq!(status, 201, "{body}");
         body["api_key"].as_str().unwrap().to_string()
     }
@@ -316,7 +319,10 @@ impl ChildApp {
             .arg("serve")
             .env("TUNESHOP_DATA_DIR", data)
             .env("TUNESHOP_ADDR", format!("127.0.0.1:{port}"))
-            .env("TUNESHOP_BASE_MODEL", tiny().gguf_quantized.display().to_string())
+            .env(
+                "TUNESHOP_BASE_MODEL",
+                tiny().gguf_quantized.display().to_string(),
+            )
             .env("TUNESHOP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("TUNESHOP_HEARTBEAT_MS", "200")
             .env("RUST_LOG", "info")

@@ -23,7 +23,10 @@ async fn upload_train_and_download(app: &TestApp) {
     body["hyperparameters"]["checkpoint_every"] = json!(2);
     let job = app.create_job(key, &body).await;
     assert_eq!(job["status"], "validating_files");
-    assert_eq!(job["hyperparameters"]["lora_r"], 8, "defaults are filled in");
+    assert_eq!(
+        job["hyperparameters"]["lora_r"], 8,
+        "defaults are filled in"
+    );
     let id = job["id"].as_str().unwrap();
 
     let done = app.wait_finished(key, id).await;
@@ -58,7 +61,10 @@ async fn upload_train_and_download(app: &TestApp) {
     let base = crate::helpers::load(&tiny().gguf_quantized);
     let loaded = peft::load(&dir, base.llama.config(), &candle_core::Device::Cpu).unwrap();
     assert_eq!(loaded.config.r, 8);
-    assert_eq!(loaded.parameter_count() as i64, adapter["parameters"].as_i64().unwrap());
+    assert_eq!(
+        loaded.parameter_count() as i64,
+        adapter["parameters"].as_i64().unwrap()
+    );
 
     // Events tell the story, with per-step metrics; checkpoints were listed as written.
     let events = app.events(key, id).await;
@@ -83,7 +89,10 @@ async fn upload_train_and_download(app: &TestApp) {
     assert_eq!(page["data"][0]["id"], second["id"]);
     assert_eq!(page["has_more"], true);
     let (_, page2) = app
-        .get(key, &format!("/jobs?limit=1&after={}", second["id"].as_str().unwrap()))
+        .get(
+            key,
+            &format!("/jobs?limit=1&after={}", second["id"].as_str().unwrap()),
+        )
         .await;
     assert_eq!(page2["data"][0]["id"], id);
     assert_eq!(page2["has_more"], false);
@@ -99,7 +108,10 @@ async fn upload_train_and_download(app: &TestApp) {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("tuneshop_jobs{status=\"succeeded\"} 2"), "{text}");
+    assert!(
+        text.contains("tuneshop_jobs{status=\"succeeded\"} 2"),
+        "{text}"
+    );
     assert!(text.contains("route=\"/jobs/{id}\""), "{text}");
 }
 
@@ -146,7 +158,10 @@ async fn jobs_submitted_together_run_one_after_another_in_order() {
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["attempts"], 1);
         let events = app.events(key, id).await;
-        spans.push((when(&events, "Started on worker"), when(&events, "Succeeded")));
+        spans.push((
+            when(&events, "Started on worker"),
+            when(&events, "Succeeded"),
+        ));
     }
     for pair in spans.windows(2) {
         assert!(
@@ -177,13 +192,26 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
 
     // The dataset cannot go while jobs wait on it.
     let (status, body) = app.delete(key, &format!("/datasets/{data}")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("dataset_in_use")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("dataset_in_use"))
+    );
 
-    app.wait_job(key, &running, |j| j["status"] == "running" && j["progress"]["step"].as_i64() >= Some(4))
+    app.wait_job(key, &running, |j| {
+        j["status"] == "running" && j["progress"]["step"].as_i64() >= Some(4)
+    })
+    .await;
+    let (status, job) = app
+        .post(key, &format!("/jobs/{queued}/cancel"), &json!({}))
         .await;
-    let (status, job) = app.post(key, &format!("/jobs/{queued}/cancel"), &json!({})).await;
-    assert_eq!((status, job["status"].as_str()), (200, Some("cancelled")), "{job}");
-    let (status, job) = app.post(key, &format!("/jobs/{running}/cancel"), &json!({})).await;
+    assert_eq!(
+        (status, job["status"].as_str()),
+        (200, Some("cancelled")),
+        "{job}"
+    );
+    let (status, job) = app
+        .post(key, &format!("/jobs/{running}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["cancel_requested"], true);
 
@@ -198,10 +226,18 @@ async fn cancel_stops_a_running_job_and_a_queued_one_never_runs() {
 
     // The queued one never started, and cancelling again is refused.
     let events = app.events(key, &queued).await;
-    assert!(message_events(&events, "Started on worker").is_empty(), "{events:?}");
+    assert!(
+        message_events(&events, "Started on worker").is_empty(),
+        "{events:?}"
+    );
     assert_eq!(app.job(key, &queued).await["status"], "cancelled");
-    let (status, body) = app.post(key, &format!("/jobs/{queued}/cancel"), &json!({})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("job_finished")));
+    let (status, body) = app
+        .post(key, &format!("/jobs/{queued}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("job_finished"))
+    );
 
     // Now nothing uses the dataset.
     let (status, _) = app.delete(key, &format!("/datasets/{data}")).await;
@@ -220,7 +256,8 @@ async fn a_graceful_shutdown_requeues_the_running_job_and_a_restart_resumes_it()
         .as_str()
         .unwrap()
         .to_string();
-    app.wait_job(&key, &id, |j| j["progress"]["step"].as_i64() >= Some(4)).await;
+    app.wait_job(&key, &id, |j| j["progress"]["step"].as_i64() >= Some(4))
+        .await;
     app.stop().await;
 
     let mut again = TestApp::spawn(|s| s.model.data_dir = path.clone(), false).await;
@@ -229,8 +266,14 @@ async fn a_graceful_shutdown_requeues_the_running_job_and_a_restart_resumes_it()
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 2);
     let events = again.events(&key, &id).await;
-    assert_eq!(message_events(&events, "Interrupted by a server shutdown").len(), 1);
-    assert_eq!(message_events(&events, "Resumed from the checkpoint").len(), 1);
+    assert_eq!(
+        message_events(&events, "Interrupted by a server shutdown").len(),
+        1
+    );
+    assert_eq!(
+        message_events(&events, "Resumed from the checkpoint").len(),
+        1
+    );
     again.stop().await;
 }
 
@@ -268,7 +311,14 @@ async fn events_stream_live_until_the_job_ends() {
         .filter_map(|l| l.strip_prefix("data: "))
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
-    assert_eq!(events, app.events(key, &id).await, "the stream and the list agree");
-    assert!(events.last().unwrap()["message"].as_str().unwrap().starts_with("Succeeded"));
+    assert_eq!(
+        events,
+        app.events(key, &id).await,
+        "the stream and the list agree"
+    );
+    assert!(events.last().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Succeeded"));
     app.stop().await;
 }

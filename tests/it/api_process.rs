@@ -36,7 +36,10 @@ async fn a_job_killed_mid_run_resumes_from_its_checkpoint_after_a_restart() {
         if let Some(c) = cps["data"].as_array().and_then(|c| c.first()) {
             break c["step"].as_i64().unwrap();
         }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint was written");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint was written"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let before = app.job(&key, &id).await;
@@ -51,7 +54,12 @@ async fn a_job_killed_mid_run_resumes_from_its_checkpoint_after_a_restart() {
     let events = app.events(&key, &id).await;
     let resumed: Vec<&Value> = events
         .iter()
-        .filter(|e| e["message"].as_str().unwrap_or("").starts_with("Resumed from the checkpoint at step"))
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Resumed from the checkpoint at step")
+        })
         .collect();
     assert_eq!(resumed.len(), 1, "{events:?}");
     let at: i64 = resumed[0]["message"]
@@ -62,7 +70,10 @@ async fn a_job_killed_mid_run_resumes_from_its_checkpoint_after_a_restart() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(at >= first_checkpoint, "resumed at {at}, first checkpoint {first_checkpoint}");
+    assert!(
+        at >= first_checkpoint,
+        "resumed at {at}, first checkpoint {first_checkpoint}"
+    );
     assert_eq!(count(&events, "Succeeded"), 1);
 
     // Nothing lost, nothing doubled.
@@ -114,7 +125,12 @@ async fn two_servers_on_one_postgres_run_each_job_exactly_once() {
         assert_eq!(count(&events, "Succeeded"), 1, "{events:?}");
         let started = events
             .iter()
-            .find(|e| e["message"].as_str().unwrap().starts_with("Started on worker"))
+            .find(|e| {
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Started on worker")
+            })
             .unwrap()["message"]
             .as_str()
             .unwrap()
@@ -122,7 +138,11 @@ async fn two_servers_on_one_postgres_run_each_job_exactly_once() {
         workers.insert(started.split_whitespace().nth(3).unwrap().to_string());
     }
     let (_, adapters) = a.get(&key, "/adapters").await;
-    assert_eq!(adapters["data"].as_array().unwrap().len(), ids.len(), "one adapter per job");
+    assert_eq!(
+        adapters["data"].as_array().unwrap().len(),
+        ids.len(),
+        "one adapter per job"
+    );
     // Either server serves the registry, whichever trained the adapter.
     let (_, from_b) = b.get(&key, "/adapters").await;
     assert_eq!(from_b["data"], adapters["data"]);

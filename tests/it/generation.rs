@@ -3,7 +3,7 @@
 use crate::helpers::{load, tiny};
 use tuneshop::infer::text::TextStream;
 use tuneshop::infer::{FinishReason, GenerateParams, InferError, SamplingParams};
-use tuneshop::model::{BaseModel, Message, NoLora};
+use tuneshop::model::{BaseModel, Message};
 
 fn model() -> BaseModel {
     load(&tiny().gguf_quantized)
@@ -17,7 +17,7 @@ fn run(
     let ids = m.completion_prompt(prompt).unwrap();
     let mut streamed = String::new();
     let out = m
-        .generate(&ids, params, &NoLora, &mut |piece| streamed.push_str(piece))
+        .generate(&ids, params, None, &mut |piece| streamed.push_str(piece))
         .unwrap();
     (out, streamed)
 }
@@ -154,9 +154,7 @@ fn bad_requests_are_errors() {
         max_tokens: 16,
         ..Default::default()
     };
-    let err = m
-        .generate(&long, &params, &NoLora, &mut |_| {})
-        .unwrap_err();
+    let err = m.generate(&long, &params, None, &mut |_| {}).unwrap_err();
     assert!(matches!(err, InferError::ContextExceeded { .. }), "{err}");
     for (bad, param) in [
         (
@@ -187,7 +185,7 @@ fn bad_requests_are_errors() {
             "top_p",
         ),
     ] {
-        let err = m.generate(&[10], &bad, &NoLora, &mut |_| {}).unwrap_err();
+        let err = m.generate(&[10], &bad, None, &mut |_| {}).unwrap_err();
         assert!(err.to_string().contains(param), "{err}");
     }
 }

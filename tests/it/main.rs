@@ -2,8 +2,10 @@
 
 mod api;
 mod api_errors;
+mod api_infer;
 mod api_jobs;
 mod api_process;
+mod batching;
 mod candle_reference;
 mod cli;
 mod cli_train;

@@ -63,6 +63,9 @@ fn peft_made_adapters_match_pytorch() {
         // f32 sums in a different order: allow 1e-5 of the largest logit.
         let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
         let diff = max_abs_diff(&got, &want);
-        assert!(diff < 1e-5 * scale, "{name}: max |tuneshop - PEFT| = {diff} (logits up to {scale})");
+        assert!(
+            diff < 1e-5 * scale,
+            "{name}: max |tuneshop - PEFT| = {diff} (logits up to {scale})"
+        );
     }
 }

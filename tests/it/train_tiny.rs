@@ -289,12 +289,24 @@ fn recomputing_layers_trains_the_same_adapter_with_dropout() {
     let (plain, recomputed) = (&runs[0], &runs[1]);
     assert_eq!(plain.0.len(), recomputed.0.len());
     for (a, b) in plain.0.iter().zip(&recomputed.0) {
-        assert!((a - b).abs() < 1e-4, "losses {:?} vs {:?}", plain.0, recomputed.0);
+        assert!(
+            (a - b).abs() < 1e-4,
+            "losses {:?} vs {:?}",
+            plain.0,
+            recomputed.0
+        );
     }
     for (id, pair) in &plain.1.pairs {
         let other = &recomputed.1.pairs[id];
         for (x, y) in [(&pair.a, &other.a), (&pair.b, &other.b)] {
-            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-4, "{id:?}: adapters differ by {d}");
         }
     }

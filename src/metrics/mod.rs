@@ -1,23 +1,17 @@
 //! Process metrics in the Prometheus text format: HTTP requests and latencies by route and
-//! status, and the running job's training speed. Job counts come from the database when the
-//! page is rendered (they are shared by every process).
+//! status, the running job's training speed, and inference (see [`InferMetrics`]). Job counts
+//! come from the database when the page is rendered (they are shared by every process).
 
+mod histogram;
+mod infer;
+
+pub use infer::InferMetrics;
+
+use histogram::{header, Histogram, SECONDS};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-
-/// Upper bounds of the latency histogram, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-#[derive(Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
+use std::sync::{Arc, Mutex};
 
 /// Key: (method, route template, status).
 type RouteKey = (String, String, u16);
@@ -26,6 +20,7 @@ type RouteKey = (String, String, u16);
 pub struct Metrics {
     http: Mutex<BTreeMap<RouteKey, Histogram>>,
     training_tokens_per_second: AtomicU64,
+    pub infer: Arc<InferMetrics>,
 }
 
 impl Metrics {
@@ -33,16 +28,9 @@ impl Metrics {
         let Ok(mut map) = self.http.lock() else {
             return;
         };
-        let h = map
-            .entry((method.to_string(), route.to_string(), status))
-            .or_default();
-        h.count += 1;
-        h.sum += seconds;
-        for (slot, &bound) in h.counts.iter_mut().zip(BUCKETS.iter()) {
-            if seconds <= bound {
-                *slot += 1;
-            }
-        }
+        map.entry((method.to_string(), route.to_string(), status))
+            .or_insert_with(|| Histogram::new(&SECONDS))
+            .observe(seconds);
     }
 
     pub fn set_training_tokens_per_second(&self, v: f64) {
@@ -57,8 +45,12 @@ impl Metrics {
     /// The metrics page; `jobs` are counts by status name.
     pub fn render(&self, jobs: &[(&str, i64)], model_loaded: bool) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP tuneshop_jobs Jobs by status (all tenants).");
-        let _ = writeln!(out, "# TYPE tuneshop_jobs gauge");
+        header(
+            &mut out,
+            "tuneshop_jobs",
+            "gauge",
+            "Jobs by status (all tenants).",
+        );
         for (status, n) in jobs {
             let _ = writeln!(out, "tuneshop_jobs{{status=\"{status}\"}} {n}");
         }
@@ -67,51 +59,43 @@ impl Metrics {
             .filter(|(s, _)| *s == "queued" || *s == "validating_files")
             .map(|(_, n)| n)
             .sum();
-        let _ = writeln!(out, "# HELP tuneshop_queue_depth Jobs waiting to run.");
-        let _ = writeln!(out, "# TYPE tuneshop_queue_depth gauge");
-        let _ = writeln!(out, "tuneshop_queue_depth {depth}");
-        let _ = writeln!(
-            out,
-            "# HELP tuneshop_training_tokens_per_second Speed of the job this process is training (0 when idle)."
+        header(
+            &mut out,
+            "tuneshop_queue_depth",
+            "gauge",
+            "Jobs waiting to run.",
         );
-        let _ = writeln!(out, "# TYPE tuneshop_training_tokens_per_second gauge");
+        let _ = writeln!(out, "tuneshop_queue_depth {depth}");
+        header(
+            &mut out,
+            "tuneshop_training_tokens_per_second",
+            "gauge",
+            "Speed of the job this process is training (0 when idle).",
+        );
         let _ = writeln!(
             out,
             "tuneshop_training_tokens_per_second {}",
             self.training_tokens_per_second()
         );
-        let _ = writeln!(out, "# HELP tuneshop_model_loaded Whether the base model is loaded.");
-        let _ = writeln!(out, "# TYPE tuneshop_model_loaded gauge");
-        let _ = writeln!(out, "tuneshop_model_loaded {}", u8::from(model_loaded));
-        let _ = writeln!(
-            out,
-            "# HELP tuneshop_http_request_duration_seconds HTTP requests by route and status."
+        header(
+            &mut out,
+            "tuneshop_model_loaded",
+            "gauge",
+            "Whether the base model is loaded.",
         );
-        let _ = writeln!(out, "# TYPE tuneshop_http_request_duration_seconds histogram");
+        let _ = writeln!(out, "tuneshop_model_loaded {}", u8::from(model_loaded));
+        self.infer.render(&mut out);
+        let name = "tuneshop_http_request_duration_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "HTTP requests by route and status.",
+        );
         let map = self.http.lock().map(|m| m.clone()).unwrap_or_default();
         for ((method, route, status), h) in &map {
             let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
-            for (count, bound) in h.counts.iter().zip(BUCKETS.iter()) {
-                let _ = writeln!(
-                    out,
-                    "tuneshop_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {count}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "tuneshop_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "tuneshop_http_request_duration_seconds_sum{{{labels}}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "tuneshop_http_request_duration_seconds_count{{{labels}}} {}",
-                h.count
-            );
+            h.render(&mut out, name, &labels);
         }
         out
     }
