@@ -51,6 +51,7 @@ enum Command {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    tuneshop::telemetry::keep_freed_memory();
     let cli = Cli::parse();
     tuneshop::telemetry::init_threads(cli.threads);
     tuneshop::telemetry::init();

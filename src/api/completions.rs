@@ -5,8 +5,8 @@
 
 use super::auth::Caller;
 use super::generation::{
-    apply_event, base_model, blocking, collect, ended_early, now_secs, resolve_model, submit,
-    Choice, Prepared, Sampling, Submitted, MAX_LOGPROBS, MAX_PROMPTS,
+    apply_event, base_model, blocking, collect, ended_early, invalid, now_secs, resolve_model,
+    submit, Choice, Prepared, Sampling, Submitted, MAX_LOGPROBS, MAX_PROMPTS,
 };
 use super::json::ApiJson;
 use super::openai::*;
@@ -22,14 +22,9 @@ use std::collections::HashMap;
 
 /// `max_tokens` of a completion when the request leaves it out (as OpenAI's).
 pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
-
-fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
-    InferError::InvalidParam {
-        param,
-        message: message.into(),
-    }
-    .into()
-}
+/// The most tokens a chat completion generates when the request sets no limit (the KV cache is
+/// reserved for the worst case, so "the rest of the context" would crowd out other requests).
+pub const DEFAULT_CHAT_TOKENS: usize = 1024;
 
 fn usage(prompts: usize, choices: &[Choice]) -> Usage {
     let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
@@ -284,7 +279,11 @@ pub async fn chat_completions(
     let max_tokens = req
         .max_completion_tokens
         .or(req.max_tokens)
-        .unwrap_or_else(|| context.saturating_sub(prompt.len()).max(1));
+        .unwrap_or_else(|| {
+            context
+                .saturating_sub(prompt.len())
+                .clamp(1, DEFAULT_CHAT_TOKENS)
+        });
     let prompt_tokens = prompt.len();
     let sub = submit(
         &state,
@@ -346,12 +345,14 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<Message>, ApiError>
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
-                other => return Err(invalid(
-                    "messages",
-                    format!(
+                other => {
+                    return Err(invalid(
+                        "messages",
+                        format!(
                         "message {i} has role `{other}`; use system, developer, user or assistant"
                     ),
-                )),
+                    ))
+                }
             };
             let content = match m.content {
                 None => String::new(),
@@ -361,12 +362,14 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<Message>, ApiError>
                     for p in parts {
                         match (p.kind.as_str(), p.text) {
                             ("text", Some(t)) => text.push_str(&t),
-                            (kind, _) => return Err(invalid(
-                                "messages",
-                                format!(
+                            (kind, _) => {
+                                return Err(invalid(
+                                    "messages",
+                                    format!(
                                     "message {i} has a `{kind}` part; only text parts are served"
                                 ),
-                            )),
+                                ))
+                            }
                         }
                     }
                     text

@@ -27,7 +27,8 @@ pub const MAX_PROMPTS: usize = 32;
 /// The most alternatives per token in `logprobs`.
 pub const MAX_LOGPROBS: usize = 20;
 
-fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+/// A 422 naming the field.
+pub fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
     InferError::InvalidParam {
         param,
         message: message.into(),

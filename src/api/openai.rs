@@ -121,7 +121,7 @@ pub struct ChatCompletionRequest {
     /// An adapter id or name of the caller, or the base model's name (no adapter).
     pub model: String,
     pub messages: Vec<ChatMessageIn>,
-    /// Tokens to generate (default: as many as the context leaves).
+    /// Tokens to generate (default: as many as the context leaves, at most 1024).
     pub max_tokens: Option<usize>,
     /// The newer name of `max_tokens`.
     pub max_completion_tokens: Option<usize>,

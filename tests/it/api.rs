@@ -130,6 +130,12 @@ impl Client {
             .await
     }
 
+    /// The Prometheus page.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {

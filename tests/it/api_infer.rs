@@ -150,15 +150,7 @@ async fn adapters_are_applied_per_request_and_match_the_cli() {
     );
 
     // The adapter cache counted one load per adapter and hits after that.
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("tuneshop_adapter_cache_misses_total 2"),
         "{metrics}"

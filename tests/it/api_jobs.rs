@@ -99,15 +99,7 @@ async fn upload_train_and_download(app: &TestApp) {
     app.wait_finished(key, second["id"].as_str().unwrap()).await;
 
     // Metrics count the jobs and the requests.
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(
         text.contains("tuneshop_jobs{status=\"succeeded\"} 2"),
         "{text}"
