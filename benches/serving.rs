@@ -311,8 +311,11 @@ async fn run() {
         peft::save(&random_adapter(&cfg, i as u64), &dir).unwrap();
         b.import(&dir, &format!("a{i}")).await;
     }
-    // Warm-up (and each adapter's one cold load).
+    // Each adapter's one cold load, one at a time on the idle server; then a warm-up.
     let all: Vec<String> = (0..most).map(|i| format!("a{i}")).collect();
+    for a in &all {
+        b.stream(a, 1).await;
+    }
     b.concurrent(&all, 4).await;
     b.concurrent(&vec![b.base_model.clone(); most], 4).await;
     let metrics = b.metrics().await;

@@ -10,6 +10,7 @@ pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod queue;
+pub mod selfinstruct;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

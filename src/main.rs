@@ -30,6 +30,8 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Loss (and choice accuracy) of the base model or an adapter on a JSONL set.
     Eval(cli::eval::EvalArgs),
+    /// Grow an (instruction, input, output) dataset from seed tasks with Self-Instruct.
+    SelfInstruct(cli::self_instruct::SelfInstructArgs),
     /// Fold an adapter into a dense copy of the base model (Hugging Face format).
     Merge(cli::merge::MergeArgs),
     /// Measure prompt-processing and decode tokens/s of the base model.
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cli::train::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Merge(args) => cli::merge::run(args),
+        Command::SelfInstruct(args) => cli::self_instruct::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::BenchTrain(args) => cli::bench_train::run(args),
         Command::TinyModel { out } => tuneshop::model::tiny::write(&out, 42)

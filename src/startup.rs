@@ -203,6 +203,7 @@ impl Application {
             db: db.clone(),
             store: store.clone(),
             device: device.clone(),
+            adapters: adapters.clone(),
             queue: queue.clone(),
             metrics: metrics.clone(),
             worker_id: worker_id.to_string(),

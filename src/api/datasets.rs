@@ -86,7 +86,9 @@ fn clean_filename(name: Option<String>) -> String {
 ///
 /// The body is JSONL (one JSON object per line) in one of three formats:
 /// `{"instruction", "input", "output"}`, `{"messages": [{"role", "content"}, …]}` or
-/// `{"prompt", "completion"}`; every row must use the same one. Send it raw
+/// `{"prompt", "completion"}`; every row must use the same one. Self-Instruct seed tasks
+/// (`{"instruction", "instances": [{"input", "output"}], "is_classification"}`) are stored as
+/// format `self_instruct_seeds`, for `POST /datasets/generate`. Send it raw
 /// (`Content-Type: application/jsonl`) or as the `file` field of a multipart form.
 #[utoipa::path(post, path = "/datasets", tag = "datasets", params(UploadQuery),
     request_body(content = String, description = "JSONL rows", content_type = "application/jsonl"),
@@ -161,7 +163,7 @@ pub async fn create(
         store_key: key.clone(),
         created_at: now_ms(),
     };
-    if let Err(e) = datasets::insert(&state.db, &d).await {
+    if let Err(e) = datasets::insert(state.db.pool(), &d).await {
         let _ = state.store.delete_prefix(&key).await;
         return Err(e.into());
     }
@@ -185,6 +187,9 @@ async fn validate(upload: &Upload) -> Result<(String, usize), ApiError> {
                 }],
             }
         })?;
+        if is_seed_file(&text) {
+            return seed_format(&text);
+        }
         match parse_jsonl_with_lines(&text) {
             Ok((rows, _)) => {
                 let format = serde_json::to_value(rows[0].format())
@@ -198,6 +203,34 @@ async fn validate(upload: &Upload) -> Result<(String, usize), ApiError> {
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+/// The format name of Self-Instruct seed files (they seed `POST /datasets/generate`; they are
+/// not training data).
+pub const SEED_FORMAT: &str = "self_instruct_seeds";
+
+/// Whether the first row is a Self-Instruct seed task (it has `instances`).
+fn is_seed_file(text: &str) -> bool {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .is_some_and(|v| v.get("instances").is_some())
+}
+
+fn seed_format(text: &str) -> Result<(String, usize), ApiError> {
+    match crate::selfinstruct::parse_seeds(text) {
+        Ok(seeds) => Ok((SEED_FORMAT.to_string(), seeds.len())),
+        Err(crate::selfinstruct::SelfInstructError::BadSeed { line, message }) => {
+            Err(ApiError::InvalidDataset {
+                message: format!("the seed tasks have an invalid row: line {line}: {message}"),
+                lines: vec![LineProblem { line, message }],
+            })
+        }
+        Err(e) => Err(ApiError::InvalidDataset {
+            message: e.to_string(),
+            lines: Vec::new(),
+        }),
+    }
 }
 
 /// A data error as a 400 that lists the lines at fault.

@@ -2,10 +2,11 @@
 //! cancel it, read or stream its events, list its checkpoints.
 
 use super::auth::Caller;
+use super::job_view::{view, JobView};
 use super::json::ApiJson;
 use super::{parse_id, secs, AppState, List};
 use crate::db::events::{self, Event, EventType, Level};
-use crate::db::jobs::{self, CancelOutcome, Job, JobKind, JobStatus, NewJob};
+use crate::db::jobs::{self, CancelOutcome, Job, JobKind, NewJob};
 use crate::db::{adapters, datasets};
 use crate::error::{ApiError, ErrorBody};
 use crate::queue::StopReason;
@@ -40,116 +41,6 @@ pub struct CreateJob {
     pub hyperparameters: Option<serde_json::Value>,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct JobProgressView {
-    pub step: i64,
-    pub total_steps: Option<i64>,
-    pub epoch: Option<f64>,
-    pub train_loss: Option<f64>,
-    pub valid_loss: Option<f64>,
-    pub valid_token_accuracy: Option<f64>,
-    pub learning_rate: Option<f64>,
-    pub tokens_per_second: Option<f64>,
-    pub eta_seconds: Option<f64>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct JobErrorView {
-    #[schema(example = "invalid_training_file")]
-    pub code: String,
-    pub message: String,
-}
-
-/// Which process runs the job, and when it last said so.
-#[derive(Serialize, ToSchema)]
-pub struct WorkerView {
-    pub id: String,
-    /// Unix milliseconds of the last heartbeat.
-    pub heartbeat_at: Option<i64>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct JobView {
-    pub id: String,
-    #[schema(example = "fine_tuning.job")]
-    pub object: &'static str,
-    pub kind: JobKind,
-    pub status: JobStatus,
-    pub base_model: String,
-    pub training_dataset: String,
-    pub validation_dataset: Option<String>,
-    pub suffix: Option<String>,
-    pub seed: i64,
-    /// Every hyperparameter, defaults filled in.
-    pub hyperparameters: TrainParams,
-    /// Jobs that start before this one (0: next); only while waiting.
-    pub queue_position: Option<i64>,
-    pub progress: JobProgressView,
-    pub trained_tokens: i64,
-    /// The registered adapter, once succeeded.
-    pub adapter_id: Option<String>,
-    pub error: Option<JobErrorView>,
-    pub cancel_requested: bool,
-    /// Claims so far (more than one after a restart or a takeover).
-    pub attempts: i64,
-    pub worker: Option<WorkerView>,
-    /// Unix seconds.
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-}
-
-async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
-    let queue_position = match job.status {
-        JobStatus::Queued | JobStatus::ValidatingFiles => {
-            Some(jobs::queue_position(&state.db, job.seq).await?)
-        }
-        _ => None,
-    };
-    let hyperparameters: TrainParams =
-        serde_json::from_str(&job.hyperparameters).map_err(ApiError::internal)?;
-    let p = job.progress;
-    Ok(JobView {
-        id: job.id.to_string(),
-        object: "fine_tuning.job",
-        kind: job.kind,
-        status: job.status,
-        base_model: job.base_model,
-        training_dataset: job.training_dataset_id.to_string(),
-        validation_dataset: job.validation_dataset_id.map(|v| v.to_string()),
-        suffix: job.suffix,
-        seed: job.seed,
-        hyperparameters,
-        queue_position,
-        progress: JobProgressView {
-            step: p.step,
-            total_steps: p.total_steps,
-            epoch: p.epoch,
-            train_loss: p.train_loss,
-            valid_loss: p.valid_loss,
-            valid_token_accuracy: p.valid_token_accuracy,
-            learning_rate: p.learning_rate,
-            tokens_per_second: p.tokens_per_second,
-            eta_seconds: p.eta_seconds,
-        },
-        trained_tokens: p.trained_tokens,
-        adapter_id: job.adapter_id.map(|a| a.to_string()),
-        error: job.error_code.map(|code| JobErrorView {
-            code,
-            message: job.error_message.unwrap_or_default(),
-        }),
-        cancel_requested: job.cancel_requested,
-        attempts: job.attempts,
-        worker: job.locked_by.map(|id| WorkerView {
-            id,
-            heartbeat_at: job.heartbeat_at,
-        }),
-        created_at: secs(job.created_at),
-        started_at: job.started_at.map(secs),
-        finished_at: job.finished_at.map(secs),
-    })
-}
-
 fn valid_suffix(s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()
         && s.len() <= 64
@@ -179,9 +70,15 @@ async fn owned_dataset(
         )
     };
     let id = Uuid::parse_str(raw).map_err(|_| missing())?;
-    datasets::get(&state.db, tenant, id)
+    let d = datasets::get(&state.db, tenant, id)
         .await?
         .ok_or_else(missing)?;
+    if d.format == super::datasets::SEED_FORMAT {
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}`: `{raw}` holds Self-Instruct seed tasks, not training rows; grow a dataset from them with POST /datasets/generate"),
+        ));
+    }
     Ok(id)
 }
 

@@ -1,7 +1,7 @@
 //! The OpenAPI document, generated from the handlers, and the router built alongside it with
 //! the cross-cutting layers (metrics, request ids, timeouts, body limits, tracing).
 
-use super::{adapters, completions, datasets, health, jobs, models, tenants, AppState};
+use super::{adapters, completions, datasets, generate, health, jobs, models, tenants, AppState};
 use crate::error::{ApiError, ErrorBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderName;
@@ -67,6 +67,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(health::metrics))
         .routes(routes!(datasets::create, datasets::list))
         .routes(routes!(datasets::get, datasets::delete))
+        .routes(routes!(generate::generate))
         .routes(routes!(jobs::create, jobs::list))
         .routes(routes!(jobs::get))
         .routes(routes!(jobs::cancel))

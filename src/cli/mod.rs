@@ -5,6 +5,7 @@ pub mod bench_train;
 pub mod eval;
 pub mod generate;
 pub mod merge;
+pub mod self_instruct;
 pub mod train;
 
 use tuneshop::config::Settings;

@@ -36,7 +36,11 @@ fn dataset_of(row: &sqlx::any::AnyRow) -> Result<Dataset, DbError> {
     })
 }
 
-pub async fn insert(db: &Db, d: &Dataset) -> Result<(), DbError> {
+/// Inserts with `exec` (the pool, or a transaction that registers it together with a job's end).
+pub async fn insert<'c, E>(exec: E, d: &Dataset) -> Result<(), DbError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
     sqlx::query(&format!(
         "INSERT INTO datasets ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
     ))
@@ -49,7 +53,7 @@ pub async fn insert(db: &Db, d: &Dataset) -> Result<(), DbError> {
     .bind(&d.sha256)
     .bind(&d.store_key)
     .bind(d.created_at)
-    .execute(db.pool())
+    .execute(exec)
     .await?;
     Ok(())
 }

@@ -2,7 +2,13 @@
 //! statement (`FOR UPDATE SKIP LOCKED` on PostgreSQL), the claimer's id goes in `locked_by`,
 //! a heartbeat keeps the claim alive, and a job is finished only by the worker holding it.
 
-use super::{now_ms, opt_uuid_col, uuid_col, Backend, Db, DbError};
+use super::{now_ms, opt_uuid_col, uuid_col, Db, DbError};
+
+pub use super::checkpoints::{checkpoints, insert_checkpoint, CheckpointRow};
+pub use super::job_claims::{
+    claim_next, finish, heartbeat, requeue_stale, succeed, succeed_with_dataset, update_progress,
+    Claim, Finish,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use uuid::Uuid;
@@ -53,19 +59,24 @@ impl JobStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
+    /// Trains a LoRA adapter.
     FineTune,
+    /// Grows a dataset from seed tasks (`POST /datasets/generate`).
+    SelfInstruct,
 }
 
 impl JobKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::FineTune => "fine_tune",
+            Self::SelfInstruct => "self_instruct",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
         match s {
             "fine_tune" => Some(Self::FineTune),
+            "self_instruct" => Some(Self::SelfInstruct),
             _ => None,
         }
     }
@@ -102,6 +113,8 @@ pub struct Job {
     pub hyperparameters: String,
     pub progress: JobProgress,
     pub adapter_id: Option<Uuid>,
+    /// The dataset a Self-Instruct job produced.
+    pub result_dataset_id: Option<Uuid>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub cancel_requested: bool,
@@ -113,13 +126,14 @@ pub struct Job {
     pub finished_at: Option<i64>,
 }
 
-const COLUMNS: &str = "seq, id, tenant_id, kind, status, base_model, training_dataset_id, \
+pub(super) const COLUMNS: &str =
+    "seq, id, tenant_id, kind, status, base_model, training_dataset_id, \
     validation_dataset_id, suffix, seed, hyperparameters, total_steps, step, epoch, train_loss, \
     valid_loss, valid_token_accuracy, learning_rate, tokens_per_second, eta_seconds, \
-    trained_tokens, adapter_id, error_code, error_message, cancel_requested, attempts, \
-    locked_by, heartbeat_at, created_at, started_at, finished_at";
+    trained_tokens, adapter_id, result_dataset_id, error_code, error_message, cancel_requested, \
+    attempts, locked_by, heartbeat_at, created_at, started_at, finished_at";
 
-fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DbError> {
+pub(super) fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DbError> {
     let corrupt = |detail: String| DbError::Corrupt {
         table: "jobs",
         detail,
@@ -151,6 +165,7 @@ fn job_of(row: &sqlx::any::AnyRow) -> Result<Job, DbError> {
             trained_tokens: row.try_get("trained_tokens")?,
         },
         adapter_id: opt_uuid_col(row, "adapter_id", "jobs")?,
+        result_dataset_id: opt_uuid_col(row, "result_dataset_id", "jobs")?,
         error_code: row.try_get("error_code")?,
         error_message: row.try_get("error_message")?,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
@@ -321,160 +336,6 @@ pub async fn fail_validation(
     Ok(n > 0)
 }
 
-/// Claims the oldest queued job for `worker`, or `None` when the queue is empty.
-pub async fn claim_next(db: &Db, worker: &str) -> Result<Option<Job>, DbError> {
-    let pick = match db.kind() {
-        Backend::Postgres => {
-            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED"
-        }
-        // SQLite runs one writer at a time, so the statement is atomic as it is.
-        Backend::Sqlite => "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1",
-    };
-    let now = now_ms();
-    let row = sqlx::query(&format!(
-        "UPDATE jobs SET status = 'running', locked_by = $1, heartbeat_at = $2, \
-         attempts = attempts + 1, started_at = COALESCE(started_at, $2), updated_at = $2 \
-         WHERE status = 'queued' AND id = ({pick}) RETURNING {COLUMNS}"
-    ))
-    .bind(worker)
-    .bind(now)
-    .fetch_optional(db.pool())
-    .await?;
-    row.as_ref().map(job_of).transpose()
-}
-
-/// What a worker learns when it touches its job: whether it still holds it and whether a
-/// cancel was asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    Held { cancel_requested: bool },
-    Lost,
-}
-
-fn claim_of(row: Option<sqlx::any::AnyRow>) -> Result<Claim, DbError> {
-    Ok(match row {
-        None => Claim::Lost,
-        Some(r) => Claim::Held {
-            cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
-        },
-    })
-}
-
-pub async fn heartbeat(db: &Db, id: Uuid, worker: &str) -> Result<Claim, DbError> {
-    let now = now_ms();
-    let row = sqlx::query(
-        "UPDATE jobs SET heartbeat_at = $1 WHERE id = $2 AND locked_by = $3 AND status = 'running' \
-         RETURNING cancel_requested",
-    )
-    .bind(now)
-    .bind(id.to_string())
-    .bind(worker)
-    .fetch_optional(db.pool())
-    .await?;
-    claim_of(row)
-}
-
-/// Writes progress (and beats the heart) while the worker holds the job.
-pub async fn update_progress(
-    db: &Db,
-    id: Uuid,
-    worker: &str,
-    p: &JobProgress,
-) -> Result<Claim, DbError> {
-    let now = now_ms();
-    let row = sqlx::query(
-        "UPDATE jobs SET step = $1, total_steps = COALESCE($2, total_steps), epoch = $3, \
-         train_loss = $4, valid_loss = COALESCE($5, valid_loss), \
-         valid_token_accuracy = COALESCE($6, valid_token_accuracy), learning_rate = $7, \
-         tokens_per_second = $8, eta_seconds = $9, trained_tokens = $10, heartbeat_at = $11, \
-         updated_at = $11 WHERE id = $12 AND locked_by = $13 AND status = 'running' \
-         RETURNING cancel_requested",
-    )
-    // sqlx 0.8's Any driver binds a NULL f64 as a PostgreSQL float4: a statement cached after
-    // such a bind then rejects real f64 values. Re-preparing each time avoids that.
-    .persistent(false)
-    .bind(p.step)
-    .bind(p.total_steps)
-    .bind(p.epoch)
-    .bind(p.train_loss)
-    .bind(p.valid_loss)
-    .bind(p.valid_token_accuracy)
-    .bind(p.learning_rate)
-    .bind(p.tokens_per_second)
-    .bind(p.eta_seconds)
-    .bind(p.trained_tokens)
-    .bind(now)
-    .bind(id.to_string())
-    .bind(worker)
-    .fetch_optional(db.pool())
-    .await?;
-    claim_of(row)
-}
-
-/// How a running job ended (other than success, which registers an adapter).
-pub enum Finish<'a> {
-    Failed {
-        code: &'a str,
-        message: &'a str,
-    },
-    Cancelled,
-    /// Back to the queue (graceful shutdown): another claim resumes it from its checkpoint.
-    Requeued,
-}
-
-/// Ends the job held by `worker`; false if the worker no longer held it.
-pub async fn finish(db: &Db, id: Uuid, worker: &str, how: Finish<'_>) -> Result<bool, DbError> {
-    let now = now_ms();
-    let q = match how {
-        Finish::Failed { code, message } => sqlx::query(
-            "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
-             finished_at = $3, updated_at = $3, locked_by = NULL, eta_seconds = NULL \
-             WHERE id = $4 AND locked_by = $5 AND status = 'running'",
-        )
-        .bind(code)
-        .bind(message),
-        Finish::Cancelled => sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', error_code = NULL, error_message = NULL, \
-             finished_at = $1, updated_at = $1, locked_by = NULL, eta_seconds = NULL \
-             WHERE id = $2 AND locked_by = $3 AND status = 'running'",
-        ),
-        Finish::Requeued => sqlx::query(
-            "UPDATE jobs SET status = 'queued', updated_at = $1, locked_by = NULL, \
-             heartbeat_at = NULL WHERE id = $2 AND locked_by = $3 AND status = 'running'",
-        ),
-    };
-    let n = q
-        .bind(now)
-        .bind(id.to_string())
-        .bind(worker)
-        .execute(db.pool())
-        .await?
-        .rows_affected();
-    Ok(n > 0)
-}
-
-/// Marks the job succeeded with its adapter, in the transaction that registers the adapter.
-pub async fn succeed(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    id: Uuid,
-    worker: &str,
-    adapter: Uuid,
-) -> Result<bool, DbError> {
-    let now = now_ms();
-    let n = sqlx::query(
-        "UPDATE jobs SET status = 'succeeded', adapter_id = $1, finished_at = $2, updated_at = $2, \
-         locked_by = NULL, eta_seconds = 0 WHERE id = $3 AND locked_by = $4 AND status = 'running'",
-    )
-    .bind(adapter.to_string())
-    .bind(now)
-    .bind(id.to_string())
-    .bind(worker)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(n > 0)
-}
-
 /// What a cancel request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -523,40 +384,11 @@ pub async fn request_cancel(db: &Db, tenant: Uuid, id: Uuid) -> Result<CancelOut
     })
 }
 
-/// Puts running jobs whose worker stopped beating (or, with `None`, every running job) back in
-/// the queue; they resume from their last checkpoint. Returns their ids.
-pub async fn requeue_stale(db: &Db, heartbeat_before: Option<i64>) -> Result<Vec<Uuid>, DbError> {
-    let now = now_ms();
-    let rows = match heartbeat_before {
-        Some(before) => {
-            sqlx::query(
-                "UPDATE jobs SET status = 'queued', locked_by = NULL, heartbeat_at = NULL, \
-                 updated_at = $1 WHERE status = 'running' \
-                 AND (heartbeat_at IS NULL OR heartbeat_at < $2) RETURNING id",
-            )
-            .bind(now)
-            .bind(before)
-            .fetch_all(db.pool())
-            .await?
-        }
-        None => {
-            sqlx::query(
-                "UPDATE jobs SET status = 'queued', locked_by = NULL, heartbeat_at = NULL, \
-                 updated_at = $1 WHERE status = 'running' RETURNING id",
-            )
-            .bind(now)
-            .fetch_all(db.pool())
-            .await?
-        }
-    };
-    rows.iter().map(|r| uuid_col(r, "id", "jobs")).collect()
-}
-
 /// Whether a job of `tenant` that has not failed or been cancelled already uses `suffix` as
 /// its adapter name.
 pub async fn suffix_in_use(db: &Db, tenant: Uuid, suffix: &str) -> Result<bool, DbError> {
     let row = sqlx::query(
-        "SELECT COUNT(*) AS n FROM jobs WHERE tenant_id = $1 AND suffix = $2 \
+        "SELECT COUNT(*) AS n FROM jobs WHERE tenant_id = $1 AND suffix = $2 AND kind = 'fine_tune' \
          AND status IN ('validating_files', 'queued', 'running')",
     )
     .bind(tenant.to_string())
@@ -580,65 +412,6 @@ pub async fn count_by_status(db: &Db) -> Result<Vec<(JobStatus, i64)>, DbError> 
         }
     }
     Ok(out)
-}
-
-/// A checkpoint a job wrote, stored under `store_key` (a directory prefix).
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckpointRow {
-    pub id: Uuid,
-    pub job_id: Uuid,
-    pub step: i64,
-    pub train_loss: Option<f64>,
-    pub valid_loss: Option<f64>,
-    pub store_key: String,
-    pub created_at: i64,
-}
-
-fn checkpoint_of(row: &sqlx::any::AnyRow) -> Result<CheckpointRow, DbError> {
-    Ok(CheckpointRow {
-        id: uuid_col(row, "id", "checkpoints")?,
-        job_id: uuid_col(row, "job_id", "checkpoints")?,
-        step: row.try_get("step")?,
-        train_loss: row.try_get("train_loss")?,
-        valid_loss: row.try_get("valid_loss")?,
-        store_key: row.try_get("store_key")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-pub async fn insert_checkpoint(db: &Db, c: &CheckpointRow) -> Result<(), DbError> {
-    sqlx::query(
-        "INSERT INTO checkpoints (id, job_id, step, train_loss, valid_loss, store_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (job_id, step) DO UPDATE SET \
-         train_loss = excluded.train_loss, valid_loss = excluded.valid_loss, \
-         store_key = excluded.store_key, created_at = excluded.created_at",
-    )
-    // See `update_progress`: optional f64 binds.
-    .persistent(false)
-    .bind(c.id.to_string())
-    .bind(c.job_id.to_string())
-    .bind(c.step)
-    .bind(c.train_loss)
-    .bind(c.valid_loss)
-    .bind(&c.store_key)
-    .bind(c.created_at)
-    .execute(db.pool())
-    .await?;
-    Ok(())
-}
-
-/// A job's checkpoints by step.
-pub async fn checkpoints(db: &Db, job: Uuid) -> Result<Vec<CheckpointRow>, DbError> {
-    sqlx::query(
-        "SELECT id, job_id, step, train_loss, valid_loss, store_key, created_at FROM checkpoints \
-         WHERE job_id = $1 ORDER BY step",
-    )
-    .bind(job.to_string())
-    .fetch_all(db.pool())
-    .await?
-    .iter()
-    .map(checkpoint_of)
-    .collect()
 }
 
 /// Jobs of `tenant` waiting or running.

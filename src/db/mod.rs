@@ -3,8 +3,10 @@
 //! migration directory per backend. Ids are UUID text, times are unix milliseconds.
 
 pub mod adapters;
+mod checkpoints;
 pub mod datasets;
 pub mod events;
+mod job_claims;
 pub mod jobs;
 pub mod tenants;
 

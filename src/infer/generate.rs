@@ -190,3 +190,56 @@ impl BaseModel {
         Ok(())
     }
 }
+
+/// One prompt of a batch for [`generate_many`].
+pub struct BatchPrompt {
+    pub tokens: Vec<u32>,
+    pub params: GenerateParams,
+}
+
+/// Generates every prompt on `engine` at once (they share batches with whatever else the engine
+/// serves) and returns their texts in order. `between_steps` runs after each batch step (the
+/// device thread takes new requests there); `stop` is checked at the same points.
+pub fn generate_many<'m>(
+    engine: &mut Engine<'m>,
+    prompts: Vec<BatchPrompt>,
+    adapter: Option<&AdapterLease>,
+    between_steps: &mut dyn FnMut(&mut Engine<'m>),
+    stop: &dyn Fn() -> bool,
+) -> Result<Vec<String>, InferError> {
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = prompts.len();
+    for (i, p) in prompts.into_iter().enumerate() {
+        engine.submit(GenRequest {
+            prompt: p.tokens,
+            params: p.params,
+            n: 1,
+            first_index: i,
+            logprobs: None,
+            ignore_eos: false,
+            adapter: adapter.cloned(),
+            events: events.clone(),
+            received: Instant::now(),
+            deadline: None,
+        });
+    }
+    drop(events);
+    // Returning early drops `rx`: the engine then drops these sequences at its next step.
+    let mut texts = vec![String::new(); n];
+    let mut finished = 0;
+    while finished < n {
+        if stop() {
+            return Err(InferError::Step(StepError::Compute("stopped".into())));
+        }
+        engine.step();
+        between_steps(engine);
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                GenEvent::Token { index, text, .. } => texts[index].push_str(&text),
+                GenEvent::Finished { .. } => finished += 1,
+                GenEvent::Failed(e) => return Err(InferError::Step(e)),
+            }
+        }
+    }
+    Ok(texts)
+}

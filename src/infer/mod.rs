@@ -11,7 +11,7 @@ pub mod text;
 
 pub use adapter_cache::AdapterCache;
 pub use engine::{Engine, EngineConfig};
-pub use generate::{FinishReason, GenerateParams, Generation};
+pub use generate::{generate_many, BatchPrompt, FinishReason, GenerateParams, Generation};
 pub use lora_batch::{AdapterLease, BatchLora, ServedAdapter};
 pub use sampling::SamplingParams;
 pub use sequence::{GenEvent, GenRequest, StepError, TokenLogprob};

@@ -8,10 +8,11 @@
 use super::device_worker::device_worker;
 use super::StopFlag;
 use crate::config::ModelArgs;
-use crate::infer::{EngineConfig, GenRequest};
+use crate::infer::{AdapterLease, EngineConfig, GenRequest};
 use crate::lora::LoraConfig;
 use crate::metrics::InferMetrics;
 use crate::model::BaseModel;
+use crate::selfinstruct::{self, Provenance, RoundStats, SeedTask, SelfInstructError};
 use crate::train::TrainParams;
 use crate::train::{DataStats, EvalResult, Progress, TrainError};
 use serde::Serialize;
@@ -125,9 +126,29 @@ pub struct TrainReport {
     pub tokens_trained: usize,
 }
 
+/// A Self-Instruct run for the device thread.
+pub struct SelfInstructJob {
+    pub seeds: Vec<SeedTask>,
+    pub params: selfinstruct::Params,
+    /// The adapter that writes (`None`: the base model).
+    pub adapter: Option<AdapterLease>,
+}
+
+/// What a Self-Instruct run reports while it goes.
+pub enum SelfInstructEvent {
+    Task(Provenance),
+    Round { stats: RoundStats, accepted: usize },
+}
+
 pub enum Command {
     /// Generate for one request (its events go back on the request's own channel).
     Generate(Box<GenRequest>),
+    SelfInstruct {
+        job: Box<SelfInstructJob>,
+        events: tokio::sync::mpsc::UnboundedSender<SelfInstructEvent>,
+        stop: Arc<StopFlag>,
+        reply: oneshot::Sender<Result<selfinstruct::Outcome, SelfInstructError>>,
+    },
     Train {
         job: Box<TrainJob>,
         events: tokio::sync::mpsc::UnboundedSender<TrainEvent>,

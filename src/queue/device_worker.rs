@@ -1,16 +1,19 @@
 //! The device thread's loop. It owns the loaded base model and the continuous batcher, and takes
 //! [`Command`]s: generation requests join the batcher; a training run goes to the trainer, which
 //! hands the device back between micro-batches so that inference keeps being served while a job
-//! runs (the share each side gets is the [`DeviceConfig::inference_share`] policy).
+//! runs (the share each side gets is the [`DeviceConfig::inference_share`] policy); a
+//! Self-Instruct run puts its prompts into the batcher beside the requests being served.
 
 use super::device::{
-    Command, DeviceConfig, ModelInfo, ModelState, TrainEvent, TrainJob, TrainReport,
+    Command, DeviceConfig, ModelInfo, ModelState, SelfInstructEvent, SelfInstructJob, TrainEvent,
+    TrainJob, TrainReport,
 };
 use super::StopFlag;
 use crate::config::ModelArgs;
 use crate::infer::Engine;
 use crate::lora::peft;
 use crate::model::{self, BaseModel};
+use crate::selfinstruct::{self, EngineGenerator, SelfInstructError};
 use crate::train::data::examples_from_jsonl;
 use crate::train::{Progress, TrainError, TrainObserver, Trainer};
 use std::collections::VecDeque;
@@ -69,6 +72,15 @@ pub(super) fn device_worker(
                 let result = run_training(&model, &job, &events, &stop, &mut serving);
                 let _ = reply.send(result);
             }
+            Some(Command::SelfInstruct {
+                job,
+                events,
+                stop,
+                reply,
+            }) => {
+                let result = run_self_instruct(&model, &job, &events, &stop, &mut serving);
+                let _ = reply.send(result);
+            }
             Some(Command::Shutdown) => break,
             Some(Command::Generate(req)) => serving.engine.submit(*req),
             None => {}
@@ -90,33 +102,47 @@ struct Serving<'m> {
     disconnected: bool,
 }
 
-impl Serving<'_> {
-    /// Takes every waiting command (waiting for one first when `block`): generation requests
-    /// join the batcher at once, so requests that arrive together are batched together.
-    fn pump(&mut self, block: bool) {
-        if block && !self.disconnected {
-            match self.rx.recv() {
-                Ok(cmd) => self.take(cmd),
-                Err(_) => self.disconnected = true,
-            }
+/// Takes every waiting command (waiting for one first when `block`): generation requests join
+/// the batcher at once, so requests that arrive together are batched together; the others wait
+/// in `deferred`.
+fn take_commands(
+    rx: &mpsc::Receiver<Command>,
+    engine: &mut Engine<'_>,
+    deferred: &mut VecDeque<Command>,
+    disconnected: &mut bool,
+    block: bool,
+) {
+    let mut take = |cmd| match cmd {
+        Command::Generate(req) => engine.submit(*req),
+        other => deferred.push_back(other),
+    };
+    if block && !*disconnected {
+        match rx.recv() {
+            Ok(cmd) => take(cmd),
+            Err(_) => *disconnected = true,
         }
-        loop {
-            match self.rx.try_recv() {
-                Ok(cmd) => self.take(cmd),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    self.disconnected = true;
-                    break;
-                }
+    }
+    loop {
+        match rx.try_recv() {
+            Ok(cmd) => take(cmd),
+            Err(mpsc::TryRecvError::Empty) => break,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                *disconnected = true;
+                break;
             }
         }
     }
+}
 
-    fn take(&mut self, cmd: Command) {
-        match cmd {
-            Command::Generate(req) => self.engine.submit(*req),
-            other => self.deferred.push_back(other),
-        }
+impl Serving<'_> {
+    fn pump(&mut self, block: bool) {
+        take_commands(
+            &self.rx,
+            &mut self.engine,
+            &mut self.deferred,
+            &mut self.disconnected,
+            block,
+        );
     }
 
     /// Serves inference after `trained` of training work: at least one batch step when there is
@@ -251,4 +277,56 @@ fn run_training(
         valid: outcome.valid,
         tokens_trained: outcome.tokens_trained,
     })
+}
+
+/// Reports a Self-Instruct run's rounds and accepted tasks on a channel; stops on the flag.
+struct SelfInstructObserver<'a> {
+    events: &'a tokio::sync::mpsc::UnboundedSender<SelfInstructEvent>,
+    stop: &'a StopFlag,
+}
+
+impl selfinstruct::Observer for SelfInstructObserver<'_> {
+    fn on_task(&mut self, p: &selfinstruct::Provenance) {
+        let _ = self.events.send(SelfInstructEvent::Task(p.clone()));
+    }
+
+    fn on_round(&mut self, stats: &selfinstruct::RoundStats, accepted: usize) {
+        let _ = self.events.send(SelfInstructEvent::Round {
+            stats: stats.clone(),
+            accepted,
+        });
+    }
+
+    fn should_stop(&self) -> bool {
+        self.stop.is_raised()
+    }
+}
+
+/// Runs the pipeline on the batcher: its prompts share batches with the requests being served,
+/// and new requests are taken between steps.
+fn run_self_instruct<'m>(
+    model: &'m BaseModel,
+    job: &SelfInstructJob,
+    events: &tokio::sync::mpsc::UnboundedSender<SelfInstructEvent>,
+    stop: &StopFlag,
+    serving: &mut Serving<'m>,
+) -> Result<selfinstruct::Outcome, SelfInstructError> {
+    let Serving {
+        engine,
+        rx,
+        deferred,
+        disconnected,
+        ..
+    } = serving;
+    let mut between = |e: &mut Engine<'m>| take_commands(rx, e, deferred, disconnected, false);
+    let is_stopped = || stop.is_raised();
+    let mut gen = EngineGenerator {
+        model,
+        engine,
+        adapter: job.adapter.clone(),
+        between_steps: &mut between,
+        stop: &is_stopped,
+    };
+    let mut observer = SelfInstructObserver { events, stop };
+    selfinstruct::run(&job.seeds, &job.params, &mut gen, &mut observer)
 }

@@ -5,6 +5,7 @@
 pub mod device;
 mod device_worker;
 pub mod runner;
+mod self_instruct;
 pub mod validator;
 
 use std::collections::HashMap;

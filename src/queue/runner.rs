@@ -9,7 +9,7 @@ use super::device::{Command, DeviceHandle, TrainEvent, TrainJob, TrainReport};
 use super::{JobQueue, StopFlag, StopReason};
 use crate::db::adapters::AdapterRow;
 use crate::db::events::{EventType, Level};
-use crate::db::jobs::{CheckpointRow, Claim, Finish, Job, JobProgress};
+use crate::db::jobs::{CheckpointRow, Claim, Finish, Job, JobKind, JobProgress};
 use crate::db::{self, datasets, now_ms, Db};
 use crate::lora::peft;
 use crate::metrics::Metrics;
@@ -27,6 +27,8 @@ pub struct Worker {
     pub db: Db,
     pub store: Arc<dyn ArtifactStore>,
     pub device: DeviceHandle,
+    /// Adapters resident for serving (a Self-Instruct job may write with one).
+    pub adapters: Arc<crate::infer::AdapterCache>,
     pub queue: JobQueue,
     pub metrics: Arc<Metrics>,
     /// This process's identity in `locked_by`.
@@ -154,8 +156,21 @@ async fn put_dir(
 
 const ADAPTER_FILES: [&str; 2] = [peft::CONFIG_FILE, peft::WEIGHTS_FILE];
 
-#[tracing::instrument(skip_all, fields(job_id = %job.id))]
+/// Runs a claimed job of either kind to its end.
 async fn run_job(
+    w: &Worker,
+    job: Job,
+    flag: Arc<StopFlag>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    match job.kind {
+        JobKind::FineTune => run_fine_tune(w, job, flag, shutdown).await,
+        JobKind::SelfInstruct => super::self_instruct::run(w, job, flag, shutdown).await,
+    }
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %job.id))]
+async fn run_fine_tune(
     w: &Worker,
     job: Job,
     flag: Arc<StopFlag>,
@@ -254,7 +269,12 @@ async fn run_job(
     };
     match result {
         Ok(report) => register(w, &job, report).await,
-        Err(TrainError::Cancelled { step }) => stopped(w, &job, flag.reason(), step).await,
+        Err(TrainError::Cancelled { step }) => {
+            let after = format!("after step {step}");
+            let note = "; its checkpoints are kept";
+            let resume = "to resume from its last checkpoint";
+            stopped(w, &job, flag.reason(), &after, note, resume).await
+        }
         Err(e) => {
             let code = match &e {
                 TrainError::NonFinite { .. } => "training_diverged",
@@ -267,7 +287,7 @@ async fn run_job(
     }
 }
 
-async fn fail(w: &Worker, job: &Job, code: &str, message: &str) -> anyhow::Result<()> {
+pub(super) async fn fail(w: &Worker, job: &Job, code: &str, message: &str) -> anyhow::Result<()> {
     if db::jobs::finish(
         &w.db,
         job.id,
@@ -469,16 +489,21 @@ async fn try_register(w: &Worker, job: &Job, row: &AdapterRow) -> anyhow::Result
     Ok(true)
 }
 
-async fn stopped(
+/// Records how a job that stopped before its end ended: cancelled, or back in the queue after a
+/// shutdown. `after` says how far it got ("after step 7"); `note` what a cancel keeps and
+/// `resume` how a requeued job continues.
+pub(super) async fn stopped(
     w: &Worker,
     job: &Job,
     why: Option<StopReason>,
-    step: usize,
+    after: &str,
+    note: &str,
+    resume: &str,
 ) -> anyhow::Result<()> {
     match why {
         Some(StopReason::Cancel) => {
             if db::jobs::finish(&w.db, job.id, &w.worker_id, Finish::Cancelled).await? {
-                let msg = format!("Cancelled after step {step}; its checkpoints are kept");
+                let msg = format!("Cancelled {after}{note}");
                 w.event(job.id, Level::Info, EventType::Message, &msg, None)
                     .await;
             }
@@ -486,7 +511,7 @@ async fn stopped(
         Some(StopReason::Shutdown) => {
             if db::jobs::finish(&w.db, job.id, &w.worker_id, Finish::Requeued).await? {
                 let msg = format!(
-                    "Interrupted by a server shutdown after step {step}; back in the queue, to resume from its last checkpoint"
+                    "Interrupted by a server shutdown {after}; back in the queue, {resume}"
                 );
                 w.event(job.id, Level::Warn, EventType::Message, &msg, None)
                     .await;

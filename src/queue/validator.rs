@@ -1,13 +1,14 @@
 //! `validating_files` → `queued`: a new job's datasets are rendered and tokenized exactly as
 //! training will do (so a response cut off entirely by `max_seq_len` is caught before the job
-//! waits in line), and its step count is fixed. Runs beside the job runner, so a long training
+//! waits in line), or a Self-Instruct job's seed tasks are read, and its step count is fixed. Runs beside the job runner, so a long training
 //! run does not delay this feedback.
 
 use super::runner::Worker;
 use crate::db::events::{EventType, Level};
-use crate::db::jobs::Job;
+use crate::db::jobs::{Job, JobKind};
 use crate::db::{self, datasets};
 use crate::model::BaseModel;
+use crate::selfinstruct::SelfInstructSpec;
 use crate::train::data::examples_from_jsonl;
 use crate::train::{DataStats, TrainParams};
 use std::sync::Arc;
@@ -68,11 +69,18 @@ async fn load_dataset(
     Ok(Ok(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
+/// A job whose files passed: its step count and what to tell the tenant.
+struct Ready {
+    total_steps: usize,
+    message: String,
+    data: serde_json::Value,
+}
+
 async fn validate_one(w: &Worker, model: &Arc<BaseModel>, job: &Job) -> anyhow::Result<()> {
-    let outcome = check(w, model, job).await?;
-    match outcome {
-        Ok((total_steps, train, valid)) => {
-            if db::jobs::mark_queued(&w.db, job.id, total_steps as i64).await? {
+    let outcome = match job.kind {
+        JobKind::FineTune => check(w, model, job)
+            .await?
+            .map(|(total_steps, train, valid)| {
                 let mut message = format!(
                     "Files validated: {} training examples ({} tokens, {} supervised)",
                     train.rows, train.tokens, train.supervised_tokens
@@ -91,6 +99,21 @@ async fn validate_one(w: &Worker, model: &Arc<BaseModel>, job: &Job) -> anyhow::
                     "truncated_rows": train.truncated_rows,
                     "validation_examples": valid.as_ref().map(|v| v.rows),
                 });
+                Ready {
+                    total_steps,
+                    message,
+                    data,
+                }
+            }),
+        JobKind::SelfInstruct => check_seeds(w, job).await?,
+    };
+    match outcome {
+        Ok(Ready {
+            total_steps,
+            message,
+            data,
+        }) => {
+            if db::jobs::mark_queued(&w.db, job.id, total_steps as i64).await? {
                 w.event(
                     job.id,
                     Level::Info,
@@ -116,6 +139,31 @@ async fn validate_one(w: &Worker, model: &Arc<BaseModel>, job: &Job) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// A Self-Instruct job's seed tasks still parse; its steps are the instructions it generates.
+async fn check_seeds(w: &Worker, job: &Job) -> anyhow::Result<Result<Ready, Invalid>> {
+    let spec: SelfInstructSpec = serde_json::from_str(&job.hyperparameters)?;
+    Ok(
+        match super::self_instruct::load_seeds(w, job.training_dataset_id).await? {
+            Err(message) => Err(Invalid {
+                code: "invalid_seed_dataset",
+                message,
+            }),
+            Ok(seeds) => {
+                let n = spec.params.num_instructions;
+                let clf = seeds.iter().filter(|s| s.is_classification).count();
+                Ok(Ready {
+                total_steps: n,
+                message: format!(
+                    "Seed tasks checked: {} ({clf} classification); {n} instructions to generate. Queued.",
+                    seeds.len()
+                ),
+                data: serde_json::json!({ "seed_tasks": seeds.len(), "classification": clf, "total_steps": n }),
+            })
+            }
+        },
+    )
 }
 
 type Checked = Result<(usize, DataStats, Option<DataStats>), Invalid>;

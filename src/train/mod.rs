@@ -2,6 +2,7 @@
 //! the optimizer and schedule, the loop, checkpoints.
 
 pub mod checkpoint;
+mod cross_entropy;
 pub mod data;
 pub mod lora_ops;
 pub mod lora_vars;

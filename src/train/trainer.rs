@@ -3,6 +3,7 @@
 //! cancellation. The base model is shared and frozen: only the LoRA variables change.
 
 use super::checkpoint::{self, TrainerState};
+use super::cross_entropy::cross_entropy_sum;
 use super::data::Example;
 use super::lora_vars::LoraVars;
 use super::optim::{clip_grad_norm, gradients_of, learning_rate, AdamW, AdamWParams};
@@ -434,8 +435,9 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// Summed cross-entropy and correct-argmax count over the supervised tokens of `batch`,
-/// from a forward pass with `hook`; in training mode the graph reaches the LoRA variables.
+/// Summed cross-entropy over the supervised tokens of `batch` and (outside training) how many
+/// of them the argmax gets right, from a forward pass with `hook`; in training mode the graph
+/// reaches the LoRA variables.
 pub fn supervised_nll(
     model: &BaseModel,
     batch: &[&Example],
@@ -487,17 +489,25 @@ fn nll_of_hidden(
     } else {
         llama.logits(&h)?
     };
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let nll = log_probs
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .neg()?
-        .sum_all()?;
-    let correct = logits
-        .argmax(D::Minus1)?
-        .eq(&targets)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as usize;
+    let nll = if logits.device().is_cpu() {
+        cross_entropy_sum(&logits, &targets)?
+    } else {
+        candle_nn::ops::log_softmax(&logits, D::Minus1)?
+            .gather(&targets.unsqueeze(1)?, 1)?
+            .neg()?
+            .sum_all()?
+    };
+    // Token accuracy is reported for evaluation only; training steps skip the extra pass.
+    let correct = if train {
+        0
+    } else {
+        logits
+            .argmax(D::Minus1)?
+            .eq(&targets)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as usize
+    };
     Ok((nll, correct))
 }
 

@@ -16,6 +16,7 @@ mod openai_client;
 mod peft_compat;
 mod real_model;
 mod real_serving;
+mod self_instruct;
 mod server;
 mod tokenizer;
 mod train_tiny;
