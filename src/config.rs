@@ -121,10 +121,11 @@ pub struct Settings {
     /// Token for the tenant-admin endpoints (`/tenants`); they are off without one.
     #[arg(long, env = "TUNESHOP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Artifact store directory (datasets, checkpoints, adapters); share it between processes
-    /// that share a database (default: `store` in the data directory).
+    /// Artifact store (datasets, checkpoints, adapters): a directory, or `s3://bucket[/prefix]`
+    /// with the usual `AWS_*` variables; processes that share a database share it (default:
+    /// `store` in the data directory).
     #[arg(long, env = "TUNESHOP_STORE")]
-    pub store: Option<PathBuf>,
+    pub store: Option<String>,
     /// This process's name in job claims (default: host name, process id and a random tag).
     #[arg(long, env = "TUNESHOP_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -167,6 +168,10 @@ pub struct Settings {
     /// Memory for resident adapters, in MiB.
     #[arg(long, env = "TUNESHOP_ADAPTER_CACHE_MB", default_value_t = 1024)]
     pub adapter_cache_mb: usize,
+    /// Reverse proxies (comma-separated addresses or CIDR networks) whose X-Forwarded-For names
+    /// the client; from anyone else the header is ignored.
+    #[arg(long, env = "TUNESHOP_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
 }
 
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 100 * 1024 * 1024;
@@ -199,6 +204,7 @@ impl Settings {
             inference_share: 0.5,
             max_adapters: DEFAULT_MAX_ADAPTERS,
             adapter_cache_mb: 1024,
+            trusted_proxies: String::new(),
         }
     }
 
@@ -225,10 +231,11 @@ impl Settings {
         }
     }
 
-    pub fn store_dir(&self) -> PathBuf {
+    /// Where artifacts live: `s3://bucket[/prefix]`, or a directory.
+    pub fn store_location(&self) -> String {
         self.store
             .clone()
-            .unwrap_or_else(|| self.model.data_dir.join("store"))
+            .unwrap_or_else(|| self.model.data_dir.join("store").display().to_string())
     }
 
     /// Scratch space for running jobs and uploads in progress.

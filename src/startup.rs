@@ -11,7 +11,7 @@ use crate::queue::device::{DeviceConfig, DeviceHandle};
 use crate::queue::runner::{runner_task, Worker};
 use crate::queue::validator::validator_task;
 use crate::queue::{JobQueue, StopReason};
-use crate::store::{LocalStore, StoreError};
+use crate::store::StoreError;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +55,8 @@ pub enum StartupError {
     Model(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error("TUNESHOP_TRUSTED_PROXIES: {0}")]
+    TrustedProxies(String),
 }
 
 pub struct Application {
@@ -130,6 +132,8 @@ impl Application {
             path: data_dir.clone(),
             source,
         })?;
+        crate::api::client_ip::TrustedProxies::parse(&settings.trusted_proxies)
+            .map_err(StartupError::TrustedProxies)?;
         let db = Db::connect(&settings.database_url()).await?;
         let lock = match db.kind() {
             Backend::Sqlite => Some(lock_data_dir(&data_dir)?),
@@ -158,8 +162,7 @@ impl Application {
             .await;
         }
         bootstrap_tenant(&db, &data_dir).await?;
-        let store: Arc<dyn crate::store::ArtifactStore> =
-            Arc::new(LocalStore::open(&settings.store_dir())?);
+        let store = crate::store::open(&settings.store_location())?;
         let work_dir = settings.work_dir();
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).map_err(|source| StartupError::DataDir {
@@ -279,6 +282,7 @@ impl Application {
             let _ = shutdown_tx.send(true);
             queue.stop_all(StopReason::Shutdown);
         };
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;

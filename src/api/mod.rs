@@ -4,6 +4,7 @@
 
 pub mod adapters;
 pub mod auth;
+pub mod client_ip;
 pub mod completions;
 pub mod datasets;
 pub mod generate;

@@ -1,7 +1,9 @@
 //! The OpenAPI document, generated from the handlers, and the router built alongside it with
 //! the cross-cutting layers (metrics, request ids, timeouts, body limits, tracing).
 
-use super::{adapters, completions, datasets, generate, health, jobs, models, tenants, AppState};
+use super::{
+    adapters, client_ip, completions, datasets, generate, health, jobs, models, tenants, AppState,
+};
 use crate::error::{ApiError, ErrorBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderName;
@@ -128,6 +130,9 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     // Uploads stream past axum's default body limit; they enforce their own.
     let body_limit = state.settings.max_upload_bytes as usize + 1024 * 1024;
+    // Checked when the server starts (`Application::build`).
+    let trusted =
+        client_ip::TrustedProxies::parse(&state.settings.trusted_proxies).unwrap_or_default();
     router
         .route("/openapi.json", get(move || async move { Json(spec) }))
         .fallback(|req: Request| async move {
@@ -142,10 +147,30 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            client_ip::record(trusted.clone(), req, next)
+        }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         // Server errors are logged where they happen, with their cause; 503s while the model
         // loads are expected and stay out of the error log.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        uri = %req.uri(),
+                        request_id = %id,
+                        client_ip = tracing::field::Empty,
+                    )
+                })
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }

@@ -1,40 +1,9 @@
-//! The artifact store: dataset files, checkpoints and adapters, addressed by keys that the
-//! server builds from ids (never from user-supplied names). A local directory by default; the
-//! trait lets an S3-compatible store follow. Every write is atomic: readers see a whole file or
-//! none.
+//! Artifacts as files under one directory (which several servers may share as a volume):
+//! writes go to a temporary file, are synced, then renamed into place.
 
+use super::{check_key, ArtifactStore, StoreError};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("artifact `{0}` does not exist")]
-    NotFound(String),
-    #[error("invalid artifact key `{0}`")]
-    BadKey(String),
-    #[error("artifact store I/O on `{key}`: {source}")]
-    Io {
-        key: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Where artifacts live. Keys are `/`-separated relative paths such as
-/// `datasets/<id>.jsonl` or `adapters/<id>/adapter_model.safetensors`.
-#[async_trait]
-pub trait ArtifactStore: Send + Sync {
-    /// Stores the local file `src` under `key` (replacing any previous one); `src` may be moved.
-    async fn put_file(&self, key: &str, src: &Path) -> Result<u64, StoreError>;
-    /// Copies the artifact `key` to the local path `dest`.
-    async fn get_file(&self, key: &str, dest: &Path) -> Result<(), StoreError>;
-    async fn read(&self, key: &str) -> Result<Vec<u8>, StoreError>;
-    async fn exists(&self, key: &str) -> Result<bool, StoreError>;
-    /// Removes every artifact whose key starts with `prefix` (a key or a `dir/` prefix).
-    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError>;
-    /// A human description for logs and readiness (`dir:/data/store`).
-    fn describe(&self) -> String;
-}
 
 /// Artifacts as files under one directory.
 pub struct LocalStore {
@@ -53,17 +22,7 @@ impl LocalStore {
     }
 
     fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
-        let ok = !key.is_empty()
-            && !key.starts_with('/')
-            && key.split('/').all(|part| {
-                !part.is_empty() && part != "." && part != ".." && !part.starts_with(".tmp")
-            })
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-        if !ok {
-            return Err(StoreError::BadKey(key.to_string()));
-        }
+        check_key(key)?;
         Ok(self.root.join(key))
     }
 
@@ -153,31 +112,6 @@ impl ArtifactStore for LocalStore {
 
     fn describe(&self) -> String {
         format!("dir:{}", self.root.display())
-    }
-}
-
-/// Store keys, built in one place from ids.
-pub mod keys {
-    use uuid::Uuid;
-
-    pub fn dataset(id: Uuid) -> String {
-        format!("datasets/{id}.jsonl")
-    }
-
-    pub fn adapter_dir(id: Uuid) -> String {
-        format!("adapters/{id}/")
-    }
-
-    pub fn adapter_file(id: Uuid, file: &str) -> String {
-        format!("adapters/{id}/{file}")
-    }
-
-    pub fn checkpoint_dir(job: Uuid, step: usize) -> String {
-        format!("jobs/{job}/checkpoints/step-{step:08}/")
-    }
-
-    pub fn job_dir(job: Uuid) -> String {
-        format!("jobs/{job}/")
     }
 }
 
