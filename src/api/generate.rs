@@ -139,13 +139,7 @@ pub async fn generate(
             id
         }
     };
-    let active = jobs::count_active(&state.db, tenant.id).await?;
-    if active >= state.settings.max_active_jobs as i64 {
-        return Err(ApiError::TooManyRequests(format!(
-            "this tenant already has {active} jobs waiting or running (the limit is {}); wait for some to finish",
-            state.settings.max_active_jobs
-        )));
-    }
+    super::jobs::ensure_room(&state, tenant.id).await?;
     let spec = SelfInstructSpec { model, params };
     let job = jobs::insert(
         &state.db,

@@ -41,6 +41,18 @@ pub struct CreateJob {
     pub hyperparameters: Option<serde_json::Value>,
 }
 
+/// 429 when `tenant` already has as many jobs waiting or running as a tenant may.
+pub(super) async fn ensure_room(state: &AppState, tenant: Uuid) -> Result<(), ApiError> {
+    let active = jobs::count_active(&state.db, tenant).await?;
+    if active >= state.settings.max_active_jobs as i64 {
+        return Err(ApiError::TooManyRequests(format!(
+            "this tenant already has {active} jobs waiting or running (the limit is {}); wait for some to finish",
+            state.settings.max_active_jobs
+        )));
+    }
+    Ok(())
+}
+
 fn valid_suffix(s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()
         && s.len() <= 64
@@ -161,13 +173,7 @@ pub async fn create(
             });
         }
     }
-    let active = jobs::count_active(&state.db, tenant.id).await?;
-    if active >= state.settings.max_active_jobs as i64 {
-        return Err(ApiError::TooManyRequests(format!(
-            "this tenant already has {active} jobs waiting or running (the limit is {}); wait for some to finish",
-            state.settings.max_active_jobs
-        )));
-    }
+    ensure_room(&state, tenant.id).await?;
     let job = jobs::insert(
         &state.db,
         &NewJob {

@@ -1,13 +1,10 @@
 //! `tuneshop generate`: one completion from the command line, streamed to stdout.
 
-use candle_core::Device;
 use clap::Args;
 use std::io::Write;
-use std::sync::Arc;
 use tuneshop::config::ModelArgs;
-use tuneshop::infer::{GenerateParams, SamplingParams, ServedAdapter};
+use tuneshop::infer::{GenerateParams, SamplingParams};
 use tuneshop::model::Message;
-use uuid::Uuid;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -71,16 +68,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         model.completion_prompt(&args.prompt)?
     };
-    // The same serving form of the adapter as the server uses, so answers match.
     let adapter = match &args.adapter {
-        Some(dir) => {
-            let a = tuneshop::lora::peft::load(dir, model.llama.config(), &Device::Cpu)?;
-            Some(Arc::new(ServedAdapter::new(
-                Uuid::nil(),
-                &a,
-                model.llama.device(),
-            )?))
-        }
+        Some(dir) => Some(super::served_adapter(dir, &model)?),
         None => None,
     };
     let mut stdout = std::io::stdout().lock();

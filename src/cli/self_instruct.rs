@@ -1,15 +1,12 @@
 //! `tuneshop self-instruct`: grow an (instruction, input, output) dataset from seed tasks with
 //! the model itself, with a live progress line.
 
-use candle_core::Device;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use tuneshop::config::ModelArgs;
-use tuneshop::infer::{Engine, EngineConfig, ServedAdapter};
+use tuneshop::infer::{Engine, EngineConfig};
 use tuneshop::selfinstruct::{self, EngineGenerator, Observer, Params, Provenance, RoundStats};
-use uuid::Uuid;
 
 #[derive(Debug, Args)]
 pub struct SelfInstructArgs {
@@ -89,14 +86,7 @@ pub fn run(args: SelfInstructArgs) -> anyhow::Result<()> {
     };
     let model = crate::load_model(&args.model)?;
     let adapter = match &args.adapter {
-        Some(dir) => {
-            let a = tuneshop::lora::peft::load(dir, model.llama.config(), &Device::Cpu)?;
-            Some(Arc::new(ServedAdapter::new(
-                Uuid::nil(),
-                &a,
-                model.llama.device(),
-            )?))
-        }
+        Some(dir) => Some(super::served_adapter(dir, &model)?),
         None => None,
     };
     let mut engine = Engine::new(&model, EngineConfig::default(), None);

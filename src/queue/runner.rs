@@ -15,6 +15,7 @@ use crate::lora::peft;
 use crate::metrics::Metrics;
 use crate::store::{keys, ArtifactStore};
 use crate::train::{checkpoint, TrainError, TrainParams};
+use futures_util::future::BoxFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,8 +238,8 @@ async fn run_fine_tune(
         resume_from,
         base_name: job.base_model.clone(),
     };
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let (reply_tx, mut reply) = oneshot::channel();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (reply_tx, reply) = oneshot::channel();
     w.device.send(Command::Train {
         job: Box::new(train_job),
         events: events_tx,
@@ -246,27 +247,18 @@ async fn run_fine_tune(
         reply: reply_tx,
     })?;
 
-    let mut beat = tokio::time::interval(w.heartbeat);
     let mut progress = JobProgress::default();
-    let result = loop {
-        tokio::select! {
-            Some(ev) = events.recv() => on_event(w, &job, &flag, &mut progress, ev).await?,
-            r = &mut reply => {
-                // Everything the run sent before replying is in the channel: record it first.
-                while let Ok(ev) = events.try_recv() {
-                    on_event(w, &job, &flag, &mut progress, ev).await?;
-                }
-                break r.map_err(|_| anyhow::anyhow!("the device thread stopped"))?;
-            }
-            _ = beat.tick() => match db::jobs::heartbeat(&w.db, job.id, &w.worker_id).await {
-                Ok(Claim::Lost) => flag.raise(StopReason::LostClaim),
-                Ok(Claim::Held { cancel_requested: true }) => flag.raise(StopReason::Cancel),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-            },
-            _ = shutdown.changed() => flag.raise(StopReason::Shutdown),
-        }
-    };
+    let run = DeviceRun { events, reply };
+    let result = supervise(
+        w,
+        &job,
+        &flag,
+        shutdown,
+        &mut progress,
+        run,
+        |w, j, f, p, e| Box::pin(on_event(w, j, f, p, e)),
+    )
+    .await?;
     match result {
         Ok(report) => register(w, &job, report).await,
         Err(TrainError::Cancelled { step }) => {
@@ -283,6 +275,58 @@ async fn run_fine_tune(
                 _ => "training_failed",
             };
             fail(w, &job, code, &e.to_string()).await
+        }
+    }
+}
+
+/// Records one event of a run on the device thread (progress, a checkpoint, a provenance).
+pub(super) type OnEvent<E> = for<'a> fn(
+    &'a Worker,
+    &'a Job,
+    &'a StopFlag,
+    &'a mut JobProgress,
+    E,
+) -> BoxFuture<'a, anyhow::Result<()>>;
+
+/// A run on the device thread as the runner sees it: what it reports, and its answer.
+pub(super) struct DeviceRun<E, R> {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<E>,
+    pub reply: oneshot::Receiver<R>,
+}
+
+/// Waits for a run on the device thread to reply, recording its events as they come, beating
+/// the job's heart, and raising the stop flag on a lost claim, a cancel request or a shutdown.
+pub(super) async fn supervise<E, R>(
+    w: &Worker,
+    job: &Job,
+    flag: &StopFlag,
+    shutdown: &mut watch::Receiver<bool>,
+    progress: &mut JobProgress,
+    run: DeviceRun<E, R>,
+    on_event: OnEvent<E>,
+) -> anyhow::Result<R> {
+    let DeviceRun {
+        mut events,
+        mut reply,
+    } = run;
+    let mut beat = tokio::time::interval(w.heartbeat);
+    loop {
+        tokio::select! {
+            Some(ev) = events.recv() => on_event(w, job, flag, progress, ev).await?,
+            r = &mut reply => {
+                // Everything the run sent before replying is in the channel: record it first.
+                while let Ok(ev) = events.try_recv() {
+                    on_event(w, job, flag, progress, ev).await?;
+                }
+                return r.map_err(|_| anyhow::anyhow!("the device thread stopped"));
+            }
+            _ = beat.tick() => match db::jobs::heartbeat(&w.db, job.id, &w.worker_id).await {
+                Ok(Claim::Lost) => flag.raise(StopReason::LostClaim),
+                Ok(Claim::Held { cancel_requested: true }) => flag.raise(StopReason::Cancel),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            },
+            _ = shutdown.changed() => flag.raise(StopReason::Shutdown),
         }
     }
 }

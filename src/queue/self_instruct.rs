@@ -5,7 +5,7 @@
 //! dataset of the tenant, registered together with the job's success.
 
 use super::device::{Command, SelfInstructEvent, SelfInstructJob};
-use super::runner::{fail, stopped, Worker};
+use super::runner::{fail, stopped, supervise, DeviceRun, Worker};
 use super::{StopFlag, StopReason};
 use crate::db::datasets::Dataset;
 use crate::db::events::{EventType, Level};
@@ -74,8 +74,8 @@ pub async fn run(
         None,
     )
     .await;
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let (reply_tx, mut reply) = oneshot::channel();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (reply_tx, reply) = oneshot::channel();
     w.device.send(Command::SelfInstruct {
         job: Box::new(SelfInstructJob {
             seeds,
@@ -86,29 +86,21 @@ pub async fn run(
         stop: flag.clone(),
         reply: reply_tx,
     })?;
-    let mut beat = tokio::time::interval(w.heartbeat);
     let mut progress = JobProgress {
         total_steps: Some(target as i64),
         ..JobProgress::default()
     };
-    let result = loop {
-        tokio::select! {
-            Some(ev) = events.recv() => on_event(w, &job, &flag, &mut progress, ev).await?,
-            r = &mut reply => {
-                while let Ok(ev) = events.try_recv() {
-                    on_event(w, &job, &flag, &mut progress, ev).await?;
-                }
-                break r.map_err(|_| anyhow::anyhow!("the device thread stopped"))?;
-            }
-            _ = beat.tick() => match db::jobs::heartbeat(&w.db, job.id, &w.worker_id).await {
-                Ok(Claim::Lost) => flag.raise(StopReason::LostClaim),
-                Ok(Claim::Held { cancel_requested: true }) => flag.raise(StopReason::Cancel),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-            },
-            _ = shutdown.changed() => flag.raise(StopReason::Shutdown),
-        }
-    };
+    let run = DeviceRun { events, reply };
+    let result = supervise(
+        w,
+        &job,
+        &flag,
+        shutdown,
+        &mut progress,
+        run,
+        |w, j, f, p, e| Box::pin(on_event(w, j, f, p, e)),
+    )
+    .await?;
     match result {
         Ok(outcome) => register(w, &job, outcome).await,
         Err(SelfInstructError::Cancelled { accepted }) => {

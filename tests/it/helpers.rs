@@ -72,3 +72,41 @@ pub fn full_logits(m: &BaseModel, tokens: &[u32]) -> Vec<Vec<f32>> {
     let logits = m.llama.forward(&input, &tuneshop::model::NoLora).unwrap();
     logits.squeeze(0).unwrap().to_vec2().unwrap()
 }
+
+/// A directory with the PyPI package `spec` (`name==version`), installed with pip on first use;
+/// `ready` says whether a directory already holds it.
+pub fn pip_package(spec: &str, ready: impl Fn(&Path) -> bool) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("py-{}", spec.replace("==", "-")));
+    if !ready(&dir) {
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(spec)
+            .output()
+            .expect("run pip");
+        assert!(
+            out.status.success(),
+            "pip could not install {spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(ready(&dir), "{spec} installed but not usable");
+    }
+    dir
+}
+
+/// Whether python3 can import `modules` from `dir`.
+pub fn importable(dir: &Path, modules: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .env("PYTHONPATH", dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}

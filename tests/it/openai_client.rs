@@ -3,48 +3,20 @@
 
 use crate::api::{Client, TestApp};
 use crate::batching::random_adapter;
-use crate::helpers::{load, tiny};
+use crate::helpers::{importable, load, pip_package, tiny};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tuneshop::lora::peft;
 use tuneshop::model::Proj;
 
 /// The client version the test installs.
 const OPENAI_VERSION: &str = "3.60.0";
 
-/// A directory with the `openai` package, installed with pip on first use.
+/// A directory with the `openai` package.
 fn openai_package() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("py-openai-{OPENAI_VERSION}"));
-    let importable = |dir: &Path| {
-        Command::new("python3")
-            .args(["-c", "import openai"])
-            .env("PYTHONPATH", dir)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !importable(&dir) {
-        let out = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(format!("openai=={OPENAI_VERSION}"))
-            .output()
-            .expect("run pip");
-        assert!(
-            out.status.success(),
-            "pip could not install openai: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(importable(&dir), "openai installed but cannot be imported");
-    }
-    dir
+    pip_package(&format!("openai=={OPENAI_VERSION}"), |d| {
+        importable(d, "openai")
+    })
 }
 
 async fn import_adapter(app: &Client, key: &str, dir: &Path) {

@@ -2,6 +2,7 @@
 //! S3 server from PyPI, started by the test): whole writes, reads, copies to files, multipart
 //! uploads, prefix deletion, not-found and bad keys.
 
+use crate::helpers::{importable, pip_package};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,36 +24,9 @@ impl Drop for S3Server {
 }
 
 fn moto_package() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("py-moto-{MOTO_VERSION}"));
-    let importable = |dir: &Path| {
-        Command::new("python3")
-            .args(["-c", "import moto.server, flask, werkzeug"])
-            .env("PYTHONPATH", dir)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !importable(&dir) {
-        let out = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(format!("moto[server]=={MOTO_VERSION}"))
-            .output()
-            .expect("run pip");
-        assert!(
-            out.status.success(),
-            "pip could not install moto: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(importable(&dir), "moto installed but cannot be imported");
-    }
-    dir
+    pip_package(&format!("moto[server]=={MOTO_VERSION}"), |d| {
+        importable(d, "moto.server, flask, werkzeug")
+    })
 }
 
 impl S3Server {
