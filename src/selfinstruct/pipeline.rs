@@ -194,10 +194,9 @@ pub fn run(
         }
 
         // 3. Which are classification tasks.
-        let clf_refs: Vec<&SeedTask> = clf_examples.iter().copied().collect();
         let questions: Vec<String> = new
             .iter()
-            .map(|(i, _)| prompts::classification_prompt(&clf_refs, i))
+            .map(|(i, _)| prompts::classification_prompt(&clf_examples, i))
             .collect();
         let greedy = |max_tokens: usize, stop: Vec<String>| GenOptions {
             max_tokens,
