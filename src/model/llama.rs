@@ -410,7 +410,11 @@ impl Llama {
         let xs = (xs + attn)?;
         let h = self.norm(&xs, &b.ffn_norm, mode)?;
         let [gate, up] = Linear::forward_group([&b.gate, &b.up], &h, lora, mode)?;
-        let mlp = b.down.forward(&(gate.silu()? * up)?, lora, mode)?;
+        let act = match mode {
+            Mode::Infer => (gate.silu()? * up)?,
+            Mode::Train => super::swiglu::swiglu(&gate, &up)?,
+        };
+        let mlp = b.down.forward(&act, lora, mode)?;
         xs + mlp
     }
 

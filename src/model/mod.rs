@@ -13,6 +13,7 @@ mod linear;
 mod llama;
 mod loader;
 pub mod quant;
+mod swiglu;
 pub mod tiny;
 mod tokenizer;
 
