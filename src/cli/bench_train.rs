@@ -5,6 +5,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 use tuneshop::config::ModelArgs;
+use tuneshop::model::ComputeDtype;
 use tuneshop::train::data::Example;
 use tuneshop::train::{LrSchedule, Progress, TrainObserver, TrainParams, Trainer};
 
@@ -26,6 +27,9 @@ pub struct BenchTrainArgs {
     /// Recompute activations in the backward pass (less memory, more compute).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Arithmetic of the frozen base's matmuls: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    compute_dtype: ComputeDtype,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -82,6 +86,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         max_seq_len: examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1),
         lr_scheduler: LrSchedule::Constant,
         gradient_checkpointing: args.gradient_checkpointing,
+        compute_dtype: args.compute_dtype,
         checkpoint_every: 0,
         ..TrainParams::default()
     };
@@ -100,6 +105,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         "lora_r": args.lora_r,
         "target_modules": args.target_modules.join(","),
         "gradient_checkpointing": args.gradient_checkpointing,
+        "compute_dtype": args.compute_dtype,
         "trainable_parameters": trainable,
         "batch_size": args.batch_size,
         "seq_len": examples[0].tokens.len(),

@@ -9,7 +9,8 @@
 //! slower but differentiable.
 
 use super::attention::Heads;
-use super::linear::Weight;
+use super::bf16_gemm::{self, PairedRows, RowSource};
+use super::linear::{ComputeDtype, Weight};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
 };
@@ -43,9 +44,27 @@ fn threads() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
 }
 
+/// Fewer rows than this stay on the f32 path even in bf16 mode: packing would cost more than
+/// the arithmetic saves.
+const BF16_MIN_ROWS: usize = 16;
+
 /// `xs · [W₀; W₁; …]ᵀ` for frozen weights, with an input-only gradient.
 struct FrozenLinear {
     ws: Vec<Weight>,
+    dtype: ComputeDtype,
+}
+
+/// Runs `f` with a source of `w`'s rows as f32 (dequantized tile by tile, or borrowed).
+fn with_rows<R>(w: &Weight, f: impl FnOnce(RowSource<'_>) -> R) -> Result<R> {
+    match w {
+        Weight::Quantized(q) => Ok(f(&|r0, _r1, out: &mut [f32]| q.dequantize_rows(r0, out))),
+        Weight::Dense(t) => {
+            let k = w.in_dim();
+            with_data(t, |wd| {
+                f(&|r0, r1, out: &mut [f32]| out.copy_from_slice(&wd[r0 * k..r1 * k]))
+            })
+        }
+    }
 }
 
 impl FrozenLinear {
@@ -53,9 +72,22 @@ impl FrozenLinear {
         self.ws.iter().map(Weight::out_dim).sum()
     }
 
+    fn bf16(&self, m: usize) -> bool {
+        self.dtype == ComputeDtype::Bf16 && m >= BF16_MIN_ROWS && bf16_gemm::available()
+    }
+
     fn forward(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         let k = self.ws[0].in_dim();
         let total = self.total_out();
+        if self.bf16(m) {
+            let xs = PairedRows::new(xs, m, k, 0, k);
+            let mut c0 = 0;
+            for w in &self.ws {
+                with_rows(w, |rows| xs.matmul_t(w.out_dim(), rows, out, total, c0))?;
+                c0 += w.out_dim();
+            }
+            return Ok(());
+        }
         let quantized: Option<Vec<&super::quant::QMatrix>> = self
             .ws
             .iter()
@@ -119,6 +151,12 @@ impl FrozenLinear {
         let mut c0 = 0;
         for w in &self.ws {
             let n = w.out_dim();
+            if self.bf16(m) {
+                let g = PairedRows::new(grad, m, total, c0, n);
+                with_rows(w, |rows| g.matmul_acc(rows, k, out))?;
+                c0 += n;
+                continue;
+            }
             match w {
                 Weight::Quantized(q) => q.backward_into(grad, total, c0, m, out),
                 Weight::Dense(t) => with_data(t, |wd| {
@@ -186,7 +224,7 @@ impl CustomOp1 for FrozenLinear {
 }
 
 /// `xs · Wᵢᵀ` for each frozen weight, differentiable with respect to `xs` only.
-pub fn frozen_matmul_t(ws: &[&Weight], xs: &Tensor) -> Result<Vec<Tensor>> {
+pub fn frozen_matmul_t(ws: &[&Weight], xs: &Tensor, dtype: ComputeDtype) -> Result<Vec<Tensor>> {
     let cpu_weights = ws.iter().all(|w| match w {
         Weight::Quantized(_) => true,
         Weight::Dense(t) => cpu_f32(t),
@@ -205,6 +243,7 @@ pub fn frozen_matmul_t(ws: &[&Weight], xs: &Tensor) -> Result<Vec<Tensor>> {
     }
     let op = FrozenLinear {
         ws: ws.iter().map(|w| (*w).clone()).collect(),
+        dtype,
     };
     let ys = xs.contiguous()?.apply_op1(op)?;
     if ws.len() == 1 {

@@ -62,14 +62,67 @@ fn frozen_linear_gradients() {
     )));
     check_grad(
         &randn(&[3, 6]),
-        |x| frozen_matmul_t(&[&w, &w], x).and_then(|v| Tensor::cat(&v, 1)),
+        |x| frozen_matmul_t(&[&w, &w], x, ComputeDtype::F32).and_then(|v| Tensor::cat(&v, 1)),
         2e-2,
     );
     check_grad(
         &randn(&[4, 32]),
-        |x| frozen_matmul_t(&[&q], x).map(|mut v| v.remove(0)),
+        |x| frozen_matmul_t(&[&q], x, ComputeDtype::F32).map(|mut v| v.remove(0)),
         2e-2,
     );
+}
+
+/// Output and input gradient of a grouped frozen linear (dense and quantized weights).
+fn frozen_linear_with(
+    dtype: ComputeDtype,
+    x: &Tensor,
+    probe: &Tensor,
+    ws: &[&Weight],
+) -> (Vec<f32>, Vec<f32>) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = Tensor::cat(&frozen_matmul_t(ws, var.as_tensor(), dtype).unwrap(), 1).unwrap();
+    let grads = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (
+        flat(&y),
+        flat(grads.get(var.as_tensor()).expect("a gradient")),
+    )
+}
+
+#[test]
+fn bf16_frozen_linear_agrees_with_f32() {
+    if !crate::model::bf16_gemm::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    let q = Weight::Quantized(Arc::new(QMatrix::quantize(
+        QType::Q4_1,
+        50,
+        64,
+        &randn(&[50 * 64]).to_vec1().unwrap(),
+    )));
+    let d = Weight::Dense(randn(&[30, 64]));
+    let x = randn(&[37, 64]);
+    let probe = randn(&[37, 80]);
+    let (y32, g32) = frozen_linear_with(ComputeDtype::F32, &x, &probe, &[&q, &d]);
+    let (y16, g16) = frozen_linear_with(ComputeDtype::Bf16, &x, &probe, &[&q, &d]);
+    // bf16 keeps 8 significant bits: each product is off by under 2⁻⁸ relative, and sums of
+    // 64 terms of random sign stay well inside this bound.
+    for (what, a, b) in [("output", &y32, &y16), ("input gradient", &g32, &g16)] {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(b.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst < 0.02 * scale,
+            "{what}: differs by {worst} (scale {scale})"
+        );
+        assert!(
+            a != b,
+            "{what}: bf16 gave exactly the f32 result, so it did not run"
+        );
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use super::attention::{attend, Heads};
 use super::cache::KvCache;
 use super::grad_ops;
-use super::linear::{Linear, LinearId, LoraHook, Mode, Proj, Weight};
+use super::linear::{ComputeDtype, Linear, LinearId, LoraHook, Mode, Proj, Weight};
 use super::Config;
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
@@ -259,7 +259,12 @@ impl Llama {
 
     /// [`Llama::forward_hidden`] for training: sequences without caches, through ops whose
     /// gradients reach every LoRA matrix (the base weights get none).
-    pub fn forward_hidden_train(&self, seqs: &[&[u32]], lora: &dyn LoraHook) -> Result<Tensor> {
+    pub fn forward_hidden_train(
+        &self,
+        seqs: &[&[u32]],
+        lora: &dyn LoraHook,
+        dtype: ComputeDtype,
+    ) -> Result<Tensor> {
         let mut inputs: Vec<SeqInput> = seqs
             .iter()
             .map(|tokens| SeqInput {
@@ -267,7 +272,7 @@ impl Llama {
                 cache: None,
             })
             .collect();
-        self.hidden(&mut inputs, lora, Mode::Train)
+        self.hidden(&mut inputs, lora, Mode::Train(dtype))
     }
 
     /// The tokens of every sequence, concatenated, and what every layer shares.
@@ -331,7 +336,7 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         match mode {
             Mode::Infer => candle_nn::ops::rms_norm(xs, weight, eps),
-            Mode::Train => grad_ops::rms_norm(xs, weight, eps),
+            Mode::Train(_) => grad_ops::rms_norm(xs, weight, eps),
         }
     }
 
@@ -341,8 +346,8 @@ impl Llama {
     }
 
     /// [`Llama::logits`] with a gradient path back to `hidden` (training).
-    pub fn logits_train(&self, hidden: &Tensor) -> Result<Tensor> {
-        grad_ops::frozen_matmul_t(&[&self.head], hidden)?
+    pub fn logits_train(&self, hidden: &Tensor, dtype: ComputeDtype) -> Result<Tensor> {
+        grad_ops::frozen_matmul_t(&[&self.head], hidden, dtype)?
             .remove(0)
             .to_dtype(DType::F32)
     }
@@ -412,7 +417,7 @@ impl Llama {
         let [gate, up] = Linear::forward_group([&b.gate, &b.up], &h, lora, mode)?;
         let act = match mode {
             Mode::Infer => (gate.silu()? * up)?,
-            Mode::Train => super::swiglu::swiglu(&gate, &up)?,
+            Mode::Train(_) => super::swiglu::swiglu(&gate, &up)?,
         };
         let mlp = b.down.forward(&act, lora, mode)?;
         xs + mlp
@@ -436,7 +441,7 @@ impl Llama {
                     let x = x.reshape((1, n, heads, hd))?;
                     candle_nn::rotary_emb::rope_thd(&x, &ctx.cos, &ctx.sin)?.squeeze(0)?
                 }
-                Mode::Train => grad_ops::rope(&x.reshape((n, heads, hd))?, &ctx.cos, &ctx.sin)?,
+                Mode::Train(_) => grad_ops::rope(&x.reshape((n, heads, hd))?, &ctx.cos, &ctx.sin)?,
             };
             x.transpose(0, 1)
         };
@@ -461,7 +466,7 @@ impl Llama {
                 dim: hd,
             };
             let out = match (ctx.mode, seq.cache.is_some()) {
-                (Mode::Train, false) => grad_ops::causal_attention(&qs, &ks, &vs, heads)?,
+                (Mode::Train(_), false) => grad_ops::causal_attention(&qs, &ks, &vs, heads)?,
                 _ => attend(&qs, &ks, &vs, span.mask.as_ref(), heads)?,
             };
             outs.push(out);

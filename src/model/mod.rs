@@ -3,6 +3,7 @@
 //! no async, no HTTP.
 
 mod attention;
+mod bf16_gemm;
 mod cache;
 mod chat_template;
 mod config;
@@ -17,11 +18,12 @@ mod swiglu;
 pub mod tiny;
 mod tokenizer;
 
+pub use bf16_gemm::available as bf16_available;
 pub use cache::KvCache;
 pub use chat_template::{ChatTemplate, Message};
 pub use config::{Config, Llama3RopeScaling};
 pub use gguf::GgufError;
-pub use linear::{Linear, LinearId, LoraHook, Mode, NoLora, Proj, Weight};
+pub use linear::{ComputeDtype, Linear, LinearId, LoraHook, Mode, NoLora, Proj, Weight};
 pub use llama::{last_logits, LayerWeights, Llama, SeqInput};
 pub use loader::{load, BaseModel, LoadOptions};
 pub use tokenizer::Tokenizer;

@@ -9,7 +9,7 @@ use super::lora_vars::LoraVars;
 use super::optim::{clip_grad_norm, gradients_of, learning_rate, AdamW, AdamWParams};
 use super::{TrainError, TrainParams};
 use crate::lora::{Adapter, LoraConfig};
-use crate::model::{BaseModel, LoraHook, SeqInput};
+use crate::model::{BaseModel, LoraHook, Mode, SeqInput};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -221,7 +221,7 @@ impl<'a> Trainer<'a> {
         let (mut loss, mut correct, mut count) = (0f64, 0usize, 0usize);
         for chunk in examples.chunks(self.params.batch_size) {
             let batch: Vec<&Example> = chunk.iter().collect();
-            let (nll, ok) = supervised_nll(self.model, &batch, &hook, false)?;
+            let (nll, ok) = supervised_nll(self.model, &batch, &hook, Mode::Infer)?;
             loss += nll.to_scalar::<f32>()? as f64;
             correct += ok;
             count += batch.iter().map(|e| e.n_targets()).sum::<usize>();
@@ -257,7 +257,7 @@ impl<'a> Trainer<'a> {
             let (scaled, g) = if self.params.gradient_checkpointing {
                 self.recomputed_micro_step(&batch, &hook, &named, n_targets)?
             } else {
-                let (nll, _) = supervised_nll(self.model, &batch, &hook, true)?;
+                let (nll, _) = supervised_nll(self.model, &batch, &hook, self.train_mode())?;
                 let scaled = (nll / n_targets as f64)?;
                 let grads = scaled.backward()?;
                 (scaled, gradients_of(&named, &grads)?)
@@ -303,11 +303,12 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Tensor, Vec<Tensor>), TrainError> {
         let seqs: Vec<&[u32]> = batch.iter().map(|e| e.tokens.as_slice()).collect();
         let vars: Vec<&candle_core::Var> = named.iter().map(|(_, v)| *v).collect();
+        let dtype = self.params.compute_dtype;
         let (loss, grads) =
             self.model
                 .llama
-                .backward_recomputed(&seqs, hook, &vars, &mut |hidden| {
-                    let (nll, _) = nll_of_hidden(self.model, batch, hidden, true)
+                .backward_recomputed(&seqs, hook, dtype, &vars, &mut |hidden| {
+                    let (nll, _) = nll_of_hidden(self.model, batch, hidden, Mode::Train(dtype))
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     nll / n_targets as f64
                 })?;
@@ -323,6 +324,10 @@ impl<'a> Trainer<'a> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((loss, grads))
+    }
+
+    fn train_mode(&self) -> Mode {
+        Mode::Train(self.params.compute_dtype)
     }
 
     fn current_lr(&self) -> f64 {
@@ -442,12 +447,12 @@ pub fn supervised_nll(
     model: &BaseModel,
     batch: &[&Example],
     hook: &dyn LoraHook,
-    train: bool,
+    mode: Mode,
 ) -> Result<(Tensor, usize), TrainError> {
     let llama = &model.llama;
     let seqs: Vec<&[u32]> = batch.iter().map(|e| e.tokens.as_slice()).collect();
-    let hidden = if train {
-        llama.forward_hidden_train(&seqs, hook)?
+    let hidden = if let Mode::Train(dtype) = mode {
+        llama.forward_hidden_train(&seqs, hook, dtype)?
     } else {
         let mut inputs: Vec<SeqInput> = seqs
             .iter()
@@ -458,7 +463,7 @@ pub fn supervised_nll(
             .collect();
         llama.forward_hidden(&mut inputs, hook)?
     };
-    nll_of_hidden(model, batch, &hidden, train)
+    nll_of_hidden(model, batch, &hidden, mode)
 }
 
 /// [`supervised_nll`] from the final hidden states `[rows, hidden]` of `batch`.
@@ -466,7 +471,7 @@ fn nll_of_hidden(
     model: &BaseModel,
     batch: &[&Example],
     hidden: &Tensor,
-    train: bool,
+    mode: Mode,
 ) -> Result<(Tensor, usize), TrainError> {
     let llama = &model.llama;
     // Only rows that predict a supervised token reach the LM head.
@@ -484,8 +489,8 @@ fn nll_of_hidden(
     let rows = Tensor::new(rows.as_slice(), &dev)?;
     let targets = Tensor::new(targets.as_slice(), &dev)?;
     let h = hidden.index_select(&rows, 0)?;
-    let logits = if train {
-        llama.logits_train(&h)?
+    let logits = if let Mode::Train(dtype) = mode {
+        llama.logits_train(&h, dtype)?
     } else {
         llama.logits(&h)?
     };
@@ -498,7 +503,7 @@ fn nll_of_hidden(
             .sum_all()?
     };
     // Token accuracy is reported for evaluation only; training steps skip the extra pass.
-    let correct = if train {
+    let correct = if matches!(mode, Mode::Train(_)) {
         0
     } else {
         logits

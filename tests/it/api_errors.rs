@@ -223,6 +223,10 @@ async fn bad_jobs_are_refused_naming_the_field() {
             "bogus",
         ),
         (
+            json!({ "training_dataset": data, "hyperparameters": { "compute_dtype": "fp8" } }),
+            "hyperparameters.compute_dtype",
+        ),
+        (
             json!({ "training_dataset": data, "base_model": "gpt-4" }),
             "base_model",
         ),

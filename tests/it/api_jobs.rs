@@ -21,8 +21,10 @@ async fn upload_train_and_download(app: &TestApp) {
     body["validation_dataset"] = json!(valid);
     body["suffix"] = json!("counting");
     body["hyperparameters"]["checkpoint_every"] = json!(2);
+    body["hyperparameters"]["compute_dtype"] = json!("bf16");
     let job = app.create_job(key, &body).await;
     assert_eq!(job["status"], "validating_files");
+    assert_eq!(job["hyperparameters"]["compute_dtype"], "bf16");
     assert_eq!(
         job["hyperparameters"]["lora_r"], 8,
         "defaults are filled in"

@@ -6,7 +6,7 @@ use crate::helpers::{full_logits, load, max_abs_diff, tiny};
 use candle_core::{Device, Tensor, Var};
 use std::path::Path;
 use tuneshop::lora::{peft, LoraConfig};
-use tuneshop::model::{BaseModel, NoLora, Proj};
+use tuneshop::model::{BaseModel, ComputeDtype, Mode, NoLora, Proj};
 use tuneshop::train::data::{parse_jsonl, tokenize};
 use tuneshop::train::lora_vars::LoraVars;
 use tuneshop::train::{
@@ -96,7 +96,8 @@ fn a_fresh_adapter_changes_nothing() {
 /// Loss through the training graph, and its gradient for every variable.
 fn loss_and_grads(m: &BaseModel, vars: &LoraVars, data: &[Example]) -> (f64, Vec<Vec<f32>>) {
     let batch: Vec<&Example> = data.iter().collect();
-    let (nll, _) = supervised_nll(m, &batch, &vars.hook(0), true).unwrap();
+    let (nll, _) =
+        supervised_nll(m, &batch, &vars.hook(0), Mode::Train(ComputeDtype::F32)).unwrap();
     let grads = nll.backward().unwrap();
     let g = vars
         .named()
@@ -143,7 +144,7 @@ fn gradients_of_a_and_b_match_finite_differences() {
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
                 let batch: Vec<&Example> = data.iter().collect();
-                let (nll, _) = supervised_nll(&m, &batch, &vars.hook(0), false).unwrap();
+                let (nll, _) = supervised_nll(&m, &batch, &vars.hook(0), Mode::Infer).unwrap();
                 nll.to_scalar::<f32>().unwrap()
             };
             let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
@@ -177,6 +178,49 @@ fn loss_falls_on_a_memorization_task_with_quantized_and_f32_bases() {
             path.display()
         );
         assert!(rec.losses.last().unwrap() < &rec.losses[0]);
+    }
+}
+
+#[test]
+fn bf16_compute_follows_the_f32_loss_curve() {
+    let m = load(&tiny().gguf_quantized);
+    let data = examples(&m, MEMORIZE, 64).unwrap();
+    let before = loss_of(&m, &NoLora, &data).unwrap();
+    let mut curves = Vec::new();
+    for (compute_dtype, gradient_checkpointing) in [
+        (ComputeDtype::F32, false),
+        (ComputeDtype::Bf16, false),
+        (ComputeDtype::Bf16, true),
+    ] {
+        let p = TrainParams {
+            compute_dtype,
+            gradient_checkpointing,
+            ..params(15)
+        };
+        let mut rec = Record::default();
+        let out = trainer(&m, p, data.clone()).run(&mut rec).unwrap();
+        let after = loss_of(&m, &out.adapter.hook(), &data).unwrap();
+        assert!(
+            after < before * 0.5,
+            "{compute_dtype:?}: loss {before} -> {after}"
+        );
+        curves.push(rec.losses);
+    }
+    // Rounding differences compound at this learning rate, so only the first steps are
+    // compared closely; both runs must converge (checked above).
+    let (f32_curve, bf16_curve) = (&curves[0], &curves[1]);
+    for (step, (a, b)) in f32_curve.iter().zip(bf16_curve).take(10).enumerate() {
+        assert!(
+            (a - b).abs() < 0.02 * a.abs(),
+            "step {step}: f32 loss {a}, bf16 loss {b}"
+        );
+    }
+    if tuneshop::model::bf16_available() {
+        assert_ne!(f32_curve, bf16_curve, "bf16 arithmetic did not run");
+    }
+    // Recomputing layers in bf16 repeats the same arithmetic.
+    for (a, b) in bf16_curve.iter().zip(&curves[2]) {
+        assert!((a - b).abs() < 1e-4, "bf16 {a} vs bf16 recomputed {b}");
     }
 }
 

@@ -4,7 +4,7 @@
 //! for about one extra forward pass of compute.
 
 use super::{Llama, SeqInput};
-use crate::model::linear::{LoraHook, Mode};
+use crate::model::linear::{ComputeDtype, LoraHook, Mode};
 use candle_core::{Result, Tensor, Var};
 
 impl Llama {
@@ -16,6 +16,7 @@ impl Llama {
         &self,
         seqs: &[&[u32]],
         lora: &dyn LoraHook,
+        dtype: ComputeDtype,
         vars: &[&Var],
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
@@ -26,7 +27,7 @@ impl Llama {
                 cache: None,
             })
             .collect();
-        let (tokens, ctx) = self.batch_ctx(&inputs, lora, Mode::Train)?;
+        let (tokens, ctx) = self.batch_ctx(&inputs, lora, Mode::Train(dtype))?;
         let mut xs = self.embed.rows(&tokens, self.dtype, &self.device)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for (layer, block) in self.layers.iter().enumerate() {
@@ -51,7 +52,7 @@ impl Llama {
         };
 
         let top = Var::from_tensor(&xs)?;
-        let loss = loss_of(&self.norm(top.as_tensor(), &self.norm, Mode::Train)?)?;
+        let loss = loss_of(&self.norm(top.as_tensor(), &self.norm, Mode::Train(dtype))?)?;
         let store = loss.backward()?;
         collect(&store)?;
         let mut grad = store
