@@ -6,7 +6,8 @@ and trains LoRA on them with AdamW. The windows are written to --windows-out so 
 `tuneshop bench-train` trains on exactly the same tokens. Prints one JSON line.
 
     python bench/peft_train.py --gguf MODEL.gguf --alpaca alpaca_sample_1000.json \
-        [--windows-out W.json] [--lora-r 8] [--target-modules q_proj,v_proj] [--steps 6]
+        [--windows-out W.json] [--lora-r 8] [--target-modules q_proj,v_proj] [--steps 6] \
+        [--gradient-checkpointing] [--compute-dtype f32|bf16]
 """
 import argparse
 import json
@@ -45,6 +46,9 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    # bf16: PyTorch's CPU autocast (matmul inputs in bf16), the counterpart of tuneshop's
+    # --compute-dtype bf16.
+    ap.add_argument("--compute-dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
 
     d, f = os.path.split(os.path.abspath(a.gguf))
@@ -77,7 +81,8 @@ def main():
         batch = ids[step * a.batch_size:(step + 1) * a.batch_size]
         labels = batch.clone()
         labels[:, :a.prompt_tokens] = -100
-        loss = model(input_ids=batch, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.compute_dtype == "bf16"):
+            loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -89,6 +94,7 @@ def main():
         "lora_r": a.lora_r,
         "target_modules": a.target_modules,
         "gradient_checkpointing": a.gradient_checkpointing,
+        "compute_dtype": a.compute_dtype,
         "trainable_parameters": trainable,
         "batch_size": a.batch_size,
         "seq_len": a.seq_len,

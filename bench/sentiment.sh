@@ -4,11 +4,14 @@
 #
 #   bench/sentiment.sh [DATA_DIR]    # DATA_DIR holds rt_polarity/{train,test}.jsonl
 #                                    # (default ../shared/data); TRAIN_ROWS=160 TEST_ROWS=1000
+#                                    # COMPUTE_DTYPE=f32|bf16; BASE_EVAL=0 skips the base model's pass
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${1:-../shared/data}
 TRAIN_ROWS=${TRAIN_ROWS:-160}
 TEST_ROWS=${TEST_ROWS:-1000}
+COMPUTE_DTYPE=${COMPUTE_DTYPE:-f32}
+BASE_EVAL=${BASE_EVAL:-1}
 WORK=${WORK:-target/sentiment}
 mkdir -p "$WORK"
 python3 - "$SRC" "$WORK" <<'PY'
@@ -26,11 +29,14 @@ head -n "$TRAIN_ROWS" "$WORK/train.jsonl" > "$WORK/train_subset.jsonl"
 # TUNESHOP_BIN: a tuneshop binary to measure instead of building this checkout.
 TS=${TUNESHOP_BIN:-./target/release/tuneshop}
 [ -n "${TUNESHOP_BIN:-}" ] || cargo build --release --quiet
-echo "== base model, first $TEST_ROWS test rows"
-/usr/bin/time -f "wall %es" $TS eval --data "$WORK/test.jsonl" --limit "$TEST_ROWS" --choices positive,negative
-echo "== LoRA r=8 alpha=16 on q,k,v,o,gate,up,down; lr 1e-3, batch 8, 1 epoch of $TRAIN_ROWS rows"
+if [ "$BASE_EVAL" != 0 ]; then
+    echo "== base model, first $TEST_ROWS test rows"
+    /usr/bin/time -f "wall %es" $TS eval --data "$WORK/test.jsonl" --limit "$TEST_ROWS" --choices positive,negative
+fi
+echo "== LoRA r=8 alpha=16 on q,k,v,o,gate,up,down; lr 1e-3, batch 8, 1 epoch of $TRAIN_ROWS rows, $COMPUTE_DTYPE compute"
 /usr/bin/time -f "wall %es" $TS train --data "$WORK/train_subset.jsonl" --out "$WORK/adapter" \
-    --target-modules all-linear --learning-rate 1e-3 --batch-size 8 --epochs 1 --seed 0
+    --target-modules all-linear --learning-rate 1e-3 --batch-size 8 --epochs 1 --seed 0 \
+    --compute-dtype "$COMPUTE_DTYPE"
 echo "== with the adapter"
 /usr/bin/time -f "wall %es" $TS eval --data "$WORK/test.jsonl" --limit "$TEST_ROWS" --choices positive,negative \
     --adapter "$WORK/adapter"
