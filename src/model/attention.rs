@@ -168,7 +168,7 @@ impl CacheView<'_> {
             max = max.max(*s);
         }
         for s in scores.iter_mut() {
-            *s = fast_exp(*s - max);
+            *s = super::vmath::exp(*s - max);
         }
         let inv_total = 1.0 / scores.iter().sum::<f32>();
         if D == 0 {
@@ -262,26 +262,6 @@ unsafe fn head_generic<const D: usize>(
 struct SendPtr(*mut f32);
 // SAFETY: hands disjoint output ranges to the pool's threads (see `attend_generic`).
 unsafe impl Sync for SendPtr {}
-
-/// `e^x` to about 1 ulp for the arguments softmax produces (`x <= 0`), in plain arithmetic the
-/// compiler vectorizes (a libm call per score cost more than the rest of decode attention):
-/// `x = n·ln2 + r` with `|r| <= ln2/2`, a degree-6 Taylor polynomial for `e^r`, and `2^n`
-/// written into the exponent bits.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E).round();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
-}
 
 /// The dot product used for attention scores, per instruction set.
 trait Dot {
@@ -418,17 +398,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -87.0 + 88.0 * i as f32 / 200_000.0;
-            let (got, want) = (fast_exp(x), x.exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-    }
 
     #[test]
     fn decode_kernel_matches_the_general_path() {

@@ -11,9 +11,11 @@
 use super::attention::Heads;
 use super::bf16_gemm::{self, PairedRows, RowSource};
 use super::linear::{ComputeDtype, Weight};
+use super::vmath::{self, wide};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
 };
+use rayon::prelude::*;
 use std::sync::Arc;
 
 fn cpu_f32(t: &Tensor) -> bool {
@@ -423,21 +425,66 @@ struct CausalAttention {
 }
 
 impl CausalAttention {
+    fn scale(&self) -> f32 {
+        1.0 / (self.heads.dim as f32).sqrt()
+    }
+
+    /// Attention probabilities `[kv, g·L, L]`, masked causally.
     fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         let h = self.heads;
         let l = q.dim(1)?;
         let qg = q.reshape((h.kv, (h.q / h.kv) * l, h.dim))?;
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (h.dim as f64).sqrt()))?;
-        let mask: Vec<f32> = (0..l)
-            .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (l, l), q.device())?;
-        let scores = scores
-            .reshape((h.kv, h.q / h.kv, l, l))?
-            .broadcast_add(&mask)?
-            .reshape((h.kv, (h.q / h.kv) * l, l))?;
-        candle_nn::ops::softmax_last_dim(&scores)
+        let scores = qg.matmul(&k.t()?)?;
+        let shape = scores.shape().clone();
+        let mut s = scores.flatten_all()?.to_vec1::<f32>()?;
+        causal_softmax(&mut s, l, self.scale());
+        Tensor::from_vec(s, shape, q.device())
     }
+}
+
+/// Rows per parallel task of the softmax passes.
+const SOFTMAX_ROWS: usize = 16;
+
+/// `softmax(scores · scale)` in place over rows of length `l`, causally: row `r` is query
+/// `r mod l`, which sees keys `0..=r mod l` (the rest become 0). Replaces a mask tensor, its
+/// broadcast add and a generic softmax with one pass that skips the masked half.
+fn causal_softmax(s: &mut [f32], l: usize, scale: f32) {
+    s.par_chunks_mut(SOFTMAX_ROWS * l)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            for (k, row) in rows.chunks_exact_mut(l).enumerate() {
+                let i = (c * SOFTMAX_ROWS + k) % l;
+                let (live, masked) = row.split_at_mut(i + 1);
+                wide(|| {
+                    let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    for v in live.iter_mut() {
+                        *v = vmath::exp((*v - max) * scale);
+                    }
+                    let inv = 1.0 / live.iter().sum::<f32>();
+                    for v in live.iter_mut() {
+                        *v *= inv;
+                    }
+                });
+                masked.fill(0.0);
+            }
+        });
+}
+
+/// The softmax's backward in place: `d ← scale · p ⊙ (d − Σⱼ d⊙p)` row by row (rows of length
+/// `l`), so `d` turns from the gradient of the probabilities into that of the raw scores.
+fn softmax_backward(p: &[f32], d: &mut [f32], l: usize, scale: f32) {
+    d.par_chunks_mut(SOFTMAX_ROWS * l)
+        .zip(p.par_chunks(SOFTMAX_ROWS * l))
+        .for_each(|(d, p)| {
+            for (d, p) in d.chunks_exact_mut(l).zip(p.chunks_exact(l)) {
+                wide(|| {
+                    let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                    for (d, &p) in d.iter_mut().zip(p) {
+                        *d = scale * p * (*d - dot);
+                    }
+                });
+            }
+        });
 }
 
 fn tensor_of(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
@@ -485,13 +532,13 @@ impl CustomOp3 for CausalAttention {
         let d_o = grad.detach().contiguous()?.reshape((h.kv, g * l, h.dim))?;
         let d_v = p.t()?.matmul(&d_o)?; // [kv, L, dim]
         let d_p = d_o.matmul(&v.t()?)?; // [kv, g·L, L]
-                                        // softmax backward: dS = P ⊙ (dP − Σ_j dP⊙P)
-        let row = (&d_p * &p)?.sum_keepdim(D::Minus1)?;
-        let d_s = (p * d_p.broadcast_sub(&row)?)?;
-        let scale = 1.0 / (h.dim as f64).sqrt();
-        let d_q = (d_s.matmul(&k)? * scale)?.reshape((h.q, l, h.dim))?;
+        let shape = d_p.shape().clone();
+        let mut d_s = d_p.flatten_all()?.to_vec1::<f32>()?;
+        with_data(&p, |p| softmax_backward(p, &mut d_s, l, self.scale()))?;
+        let d_s = Tensor::from_vec(d_s, shape, q.device())?;
+        let d_q = d_s.matmul(&k)?.reshape((h.q, l, h.dim))?;
         let qg = q.reshape((h.kv, g * l, h.dim))?;
-        let d_k = (d_s.t()?.matmul(&qg)? * scale)?;
+        let d_k = d_s.t()?.matmul(&qg)?;
         Ok((Some(d_q), Some(d_k), Some(d_v)))
     }
 }

@@ -17,6 +17,7 @@ pub mod quant;
 mod swiglu;
 pub mod tiny;
 mod tokenizer;
+pub(crate) mod vmath;
 
 pub use bf16_gemm::available as bf16_available;
 pub use cache::KvCache;

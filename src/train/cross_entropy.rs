@@ -6,6 +6,7 @@
 //! logits once forwards (a log-sum-exp per row) and writes their gradient in one pass backwards:
 //! `(softmax(x) − onehot(target)) · g`.
 
+use crate::model::vmath::{exp, wide};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -41,9 +42,17 @@ fn targets_of(s: &CpuStorage, l: &Layout, rows: usize, vocab: usize) -> Result<V
 
 /// `(max, log Σ exp(x − max))` of a row.
 fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    (max, sum.ln())
+    wide(|| {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Eight partial sums: a single running sum would keep the loop scalar.
+        let mut sums = [0f32; 8];
+        for chunk in row.chunks(8) {
+            for (s, &x) in sums.iter_mut().zip(chunk) {
+                *s += exp(x - max);
+            }
+        }
+        (max, sums.iter().sum::<f32>().ln())
+    })
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -111,9 +120,11 @@ impl CustomOp2 for CrossEntropyGrad {
                     let row = &x[r * vocab..(r + 1) * vocab];
                     let (max, lse) = log_sum_exp(row);
                     let shift = max + lse;
-                    for (o, &v) in o.iter_mut().zip(row) {
-                        *o = (v - shift).exp() * g;
-                    }
+                    wide(|| {
+                        for (o, &v) in o.iter_mut().zip(row) {
+                            *o = exp(v - shift) * g;
+                        }
+                    });
                     o[t[r]] -= g;
                 }
             });
