@@ -47,6 +47,17 @@ fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, tol: f32) {
     }
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
 }
@@ -131,14 +142,7 @@ fn rms_norm_gradient_and_value() {
     let x = randn(&[3, 8]);
     let fast = rms_norm(&x, &w, 1e-5).unwrap();
     let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
-    let diff = (fast - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&fast, &want);
     assert!(diff < 1e-5);
     check_grad(&x, |x| rms_norm(x, &w, 1e-5), 2e-2);
 }
@@ -165,14 +169,7 @@ fn rope_gradient_and_value() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    let diff = (fast - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&fast, &want);
     assert!(diff < 1e-5);
     check_grad(&x, |x| rope(x, &cos, &sin), 2e-2);
 }
@@ -191,14 +188,7 @@ fn attention_gradients_and_value() {
         .collect();
     let mask = Tensor::from_vec(mask, (5, 5), &Device::Cpu).unwrap();
     let want = super::super::attention::attend(&q, &k, &v, Some(&mask), heads).unwrap();
-    let diff = (fused - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&fused, &want);
     assert!(diff < 1e-5);
     check_grad(&q, |q| causal_attention(q, &k, &v, heads), 2e-2);
     check_grad(&k, |k| causal_attention(&q, k, &v, heads), 2e-2);
