@@ -46,11 +46,7 @@ impl Observer for Progress {
         eprintln!(
             "\r\x1b[K+ {} [{}; {} instances]",
             p.instruction,
-            if p.is_classification {
-                "classification"
-            } else {
-                "generation"
-            },
+            p.kind(),
             p.instances
         );
     }

@@ -61,7 +61,7 @@ pub struct TrainArgs {
     /// Recompute activations in the backward pass: much less memory, about a third slower.
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Arithmetic of the frozen base's matmuls: f32, or bf16 (1.7x faster matmuls on CPUs with
+    /// Arithmetic of the frozen base's matmuls: f32, or bf16 (1.2–1.4x faster steps on CPUs with
     /// AVX512-BF16; f32 elsewhere).
     #[arg(long, default_value = "f32")]
     compute_dtype: ComputeDtype,

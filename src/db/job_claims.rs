@@ -139,43 +139,32 @@ pub async fn finish(db: &Db, id: Uuid, worker: &str, how: Finish<'_>) -> Result<
     Ok(n > 0)
 }
 
-/// Marks the job succeeded with its adapter, in the transaction that registers the adapter.
+/// What a succeeded job produced.
+#[derive(Debug, Clone, Copy)]
+pub enum JobResult {
+    /// A training job's adapter.
+    Adapter(Uuid),
+    /// A Self-Instruct job's dataset.
+    Dataset(Uuid),
+}
+
+/// Marks the job succeeded with its result, in the transaction that registers that result.
 pub async fn succeed(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     id: Uuid,
     worker: &str,
-    adapter: Uuid,
+    result: JobResult,
 ) -> Result<bool, DbError> {
-    let now = now_ms();
-    let n = sqlx::query(
-        "UPDATE jobs SET status = 'succeeded', adapter_id = $1, finished_at = $2, updated_at = $2, \
-         locked_by = NULL, eta_seconds = 0 WHERE id = $3 AND locked_by = $4 AND status = 'running'",
-    )
-    .bind(adapter.to_string())
-    .bind(now)
-    .bind(id.to_string())
-    .bind(worker)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(n > 0)
-}
-
-/// Marks a Self-Instruct job succeeded with its dataset, in the transaction that registers it.
-pub async fn succeed_with_dataset(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    id: Uuid,
-    worker: &str,
-    dataset: Uuid,
-) -> Result<bool, DbError> {
-    let now = now_ms();
-    let n = sqlx::query(
-        "UPDATE jobs SET status = 'succeeded', result_dataset_id = $1, finished_at = $2, \
-         updated_at = $2, locked_by = NULL, eta_seconds = 0 \
-         WHERE id = $3 AND locked_by = $4 AND status = 'running'",
-    )
-    .bind(dataset.to_string())
-    .bind(now)
+    let (column, result) = match result {
+        JobResult::Adapter(id) => ("adapter_id", id),
+        JobResult::Dataset(id) => ("result_dataset_id", id),
+    };
+    let n = sqlx::query(&format!(
+        "UPDATE jobs SET status = 'succeeded', {column} = $1, finished_at = $2, updated_at = $2, \
+         locked_by = NULL, eta_seconds = 0 WHERE id = $3 AND locked_by = $4 AND status = 'running'"
+    ))
+    .bind(result.to_string())
+    .bind(now_ms())
     .bind(id.to_string())
     .bind(worker)
     .execute(&mut **tx)

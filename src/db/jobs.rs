@@ -6,8 +6,8 @@ use super::{now_ms, opt_uuid_col, uuid_col, Db, DbError};
 
 pub use super::checkpoints::{checkpoints, insert_checkpoint, CheckpointRow};
 pub use super::job_claims::{
-    claim_next, finish, heartbeat, requeue_stale, succeed, succeed_with_dataset, update_progress,
-    Claim, Finish,
+    claim_next, finish, heartbeat, requeue_stale, succeed, update_progress, Claim, Finish,
+    JobResult,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Row;

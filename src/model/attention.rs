@@ -397,6 +397,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -426,14 +427,7 @@ mod tests {
         .unwrap()
         .narrow(1, 0, 1)
         .unwrap();
-        let diff = (fast - slow)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&fast, &slow);
         assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -48,7 +48,6 @@ pub struct PairedRows {
     data: Vec<u32>,
     rows: usize,
     cols: usize,
-    pairs: usize,
 }
 
 impl PairedRows {
@@ -66,18 +65,13 @@ impl PairedRows {
                 // SAFETY: `available()` was checked above.
                 unsafe { pair_row(row, dst) }
             });
-        Self {
-            data,
-            rows,
-            cols,
-            pairs,
-        }
+        Self { data, rows, cols }
     }
 
     /// `c[i, c0 + j] = Σₜ self[i, t] · w[j, t]` for the `n` rows of a weight `w` (`[n, k]`, k the
     /// width of `self`), each output row `ldc` apart in `c`.
     pub fn matmul_t(&self, n: usize, w: RowSource<'_>, c: &mut [f32], ldc: usize, c0: usize) {
-        let (pairs, m) = (self.pairs, self.rows);
+        let (pairs, m) = (self.pairs(), self.rows);
         let k = pairs * 2;
         assert!(m == 0 || (m - 1) * ldc + c0 + n <= c.len());
         let out = SendPtr(c.as_mut_ptr());
@@ -108,10 +102,15 @@ impl PairedRows {
         );
     }
 
+    /// Stored `u32`s per row: the width, halved and rounded up.
+    fn pairs(&self) -> usize {
+        self.cols.div_ceil(2)
+    }
+
     /// `out[i, j] += Σₜ self[i, t] · w[t, j]` for a weight `w` of `self`'s width in rows and
     /// `cols` columns: the input gradient of a frozen `x · wᵀ`.
     pub fn matmul_acc(&self, w: RowSource<'_>, cols: usize, out: &mut [f32]) {
-        let (pairs, m) = (self.pairs, self.rows);
+        let (pairs, m) = (self.pairs(), self.rows);
         let n = self.cols;
         assert_eq!(out.len(), m * cols);
         let dst = SendPtr(out.as_mut_ptr());

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::quant::{QMatrix, QType};
+use crate::model::test_util::max_abs_diff;
 use candle_core::Var;
 
 /// Checks the gradient of `sum(f(x) * probe)` with respect to `x` by central differences.
@@ -45,17 +46,6 @@ fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, tol: f32) {
             g[i]
         );
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn randn(shape: &[usize]) -> Tensor {

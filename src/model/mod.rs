@@ -19,6 +19,24 @@ pub mod tiny;
 mod tokenizer;
 pub(crate) mod vmath;
 
+/// Helpers shared by the unit tests of the model and the trainer.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// The largest absolute elementwise difference of two tensors of one shape.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}
+
 pub use bf16_gemm::available as bf16_available;
 pub use cache::KvCache;
 pub use chat_template::{ChatTemplate, Message};

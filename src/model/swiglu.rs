@@ -125,6 +125,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::{Device, Var};
 
     #[test]
@@ -135,17 +136,7 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, (37, 1000), &dev).unwrap();
         let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
         let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
         let gf = (fused * &probe)
             .unwrap()
             .sum_all()
@@ -159,7 +150,7 @@ mod tests {
             .backward()
             .unwrap();
         for v in [&g, &u] {
-            let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+            let d = max_abs_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
             assert!(d < 1e-4, "{d}");
         }
     }

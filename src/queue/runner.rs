@@ -525,7 +525,14 @@ async fn register(w: &Worker, job: &Job, report: TrainReport) -> anyhow::Result<
 async fn try_register(w: &Worker, job: &Job, row: &AdapterRow) -> anyhow::Result<bool> {
     let mut tx = w.db.pool().begin().await?;
     db::adapters::insert(&mut tx, row).await?;
-    if !db::jobs::succeed(&mut tx, job.id, &w.worker_id, row.id).await? {
+    if !db::jobs::succeed(
+        &mut tx,
+        job.id,
+        &w.worker_id,
+        db::jobs::JobResult::Adapter(row.id),
+    )
+    .await?
+    {
         tx.rollback().await?;
         return Ok(false);
     }

@@ -128,11 +128,7 @@ async fn on_event(
                 "Round {}: `{}` ({}, {} instances)",
                 p.round,
                 p.instruction,
-                if p.is_classification {
-                    "classification"
-                } else {
-                    "generation"
-                },
+                p.kind(),
                 p.instances
             );
             w.event(
@@ -207,7 +203,14 @@ async fn register(w: &Worker, job: &Job, outcome: selfinstruct::Outcome) -> anyh
     };
     let mut tx = w.db.pool().begin().await?;
     datasets::insert(&mut *tx, &d).await?;
-    if !db::jobs::succeed_with_dataset(&mut tx, job.id, &w.worker_id, id).await? {
+    if !db::jobs::succeed(
+        &mut tx,
+        job.id,
+        &w.worker_id,
+        db::jobs::JobResult::Dataset(id),
+    )
+    .await?
+    {
         // Another worker holds the job now: it will register its own result.
         tx.rollback().await?;
         let _ = w.store.delete_prefix(&key).await;

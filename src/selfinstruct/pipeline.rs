@@ -58,6 +58,17 @@ pub struct Provenance {
     pub instances: usize,
 }
 
+impl Provenance {
+    /// The task's kind, as shown in progress lines and events.
+    pub fn kind(&self) -> &'static str {
+        if self.is_classification {
+            "classification"
+        } else {
+            "generation"
+        }
+    }
+}
+
 /// What one round did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RoundStats {

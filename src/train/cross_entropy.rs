@@ -143,6 +143,7 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_abs_diff;
     use candle_core::{Device, Var, D};
 
     #[test]
@@ -185,14 +186,7 @@ mod tests {
             .get(&x)
             .unwrap()
             .clone();
-        let diff = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&ga, &gb);
         assert!(diff < 1e-5, "{diff}");
     }
 }
